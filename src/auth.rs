@@ -1,0 +1,228 @@
+//! Request metadata → the caller's organization.
+//!
+//! Runs as the `ChannelAssignment` interceptor only, so health checks,
+//! reflection and Kubernetes probes need no token.
+
+use std::{fs, path::Path};
+
+use anyhow::Context as _;
+use jsonwebtoken::{Algorithm, DecodingKey, Validation, errors::ErrorKind};
+use serde::Deserialize;
+use tonic::metadata::MetadataMap;
+
+use crate::config::AuthSettings;
+use crate::domain::OrganizationId;
+use crate::error::ServiceError;
+
+pub const TRUSTED_ORGANIZATION_HEADER: &str = "x-organization-id";
+
+/// Far above any real token; refuses to spend work on junk.
+const MAX_TOKEN_LEN: usize = 16 * 1024;
+
+/// A verifier for one key: the algorithms it accepts and the claims it checks.
+struct Verifier {
+    key: DecodingKey,
+    validation: Validation,
+}
+
+pub struct Authenticator {
+    hs256: Option<Verifier>,
+    public_key: Option<Verifier>,
+    trusted_header: bool,
+}
+
+#[derive(Deserialize)]
+struct Claims {
+    /// Any JSON value: a number or an object here is a malformed organization
+    /// id (403), not an unreadable token (401).
+    #[serde(default)]
+    org_id: Option<serde_json::Value>,
+}
+
+impl Authenticator {
+    /// Refuses settings under which no caller could be authenticated, rather
+    /// than serving everyone.
+    pub fn from_settings(settings: &AuthSettings) -> anyhow::Result<Self> {
+        let hs256 = match settings.hs256_secret.as_deref() {
+            None => None,
+            Some(secret) if secret.len() < 16 => {
+                anyhow::bail!("AUTH_JWT_HS256_SECRET must be at least 16 bytes long")
+            }
+            Some(secret) => Some(Verifier {
+                key: DecodingKey::from_secret(secret.as_bytes()),
+                validation: validation(&[Algorithm::HS256], settings),
+            }),
+        };
+        let public_key = settings
+            .public_key_file
+            .as_deref()
+            .map(|path| load_public_key(path, settings))
+            .transpose()?;
+        if hs256.is_none() && public_key.is_none() && !settings.trusted_header {
+            anyhow::bail!(
+                "no way to authenticate callers is configured: set AUTH_JWT_HS256_SECRET, \
+                 AUTH_JWT_PUBLIC_KEY_FILE, or AUTH_TRUSTED_HEADER=true behind a trusted gateway"
+            );
+        }
+        Ok(Self {
+            hs256,
+            public_key,
+            trusted_header: settings.trusted_header,
+        })
+    }
+
+    pub fn authenticate(&self, metadata: &MetadataMap) -> Result<OrganizationId, ServiceError> {
+        if self.trusted_header {
+            let mut values = metadata.get_all(TRUSTED_ORGANIZATION_HEADER).iter();
+            if let Some(value) = values.next() {
+                if values.next().is_some() {
+                    return Err(ServiceError::OrganizationIdMissing);
+                }
+                return value
+                    .to_str()
+                    .ok()
+                    .and_then(OrganizationId::parse)
+                    .ok_or(ServiceError::OrganizationIdMissing);
+            }
+        }
+        let token = bearer_token(metadata)?;
+        let claims = self.verify(token)?;
+        match claims.org_id {
+            Some(serde_json::Value::String(raw)) => {
+                OrganizationId::parse(&raw).ok_or(ServiceError::OrganizationIdMissing)
+            }
+            _ => Err(ServiceError::OrganizationIdMissing),
+        }
+    }
+
+    fn verify(&self, token: &str) -> Result<Claims, ServiceError> {
+        const INVALID: ServiceError = ServiceError::Unauthenticated("invalid token");
+        if token.len() > MAX_TOKEN_LEN {
+            return Err(INVALID);
+        }
+        // `alg: none` and unknown algorithms fail here: jsonwebtoken has no
+        // such variant.
+        let header = jsonwebtoken::decode_header(token).map_err(|_| INVALID)?;
+        // The key is chosen by the algorithm's family, so a token cannot make
+        // the public key serve as an HMAC secret (algorithm confusion).
+        let verifier = match header.alg {
+            Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512 => self.hs256.as_ref(),
+            _ => self.public_key.as_ref(),
+        }
+        .ok_or(INVALID)?;
+        jsonwebtoken::decode::<Claims>(token, &verifier.key, &verifier.validation)
+            .map(|data| data.claims)
+            .map_err(|error| match error.kind() {
+                ErrorKind::ExpiredSignature => ServiceError::Unauthenticated("token expired"),
+                ErrorKind::ImmatureSignature => {
+                    ServiceError::Unauthenticated("token not yet valid")
+                }
+                ErrorKind::InvalidIssuer => ServiceError::Unauthenticated("wrong token issuer"),
+                ErrorKind::InvalidAudience => ServiceError::Unauthenticated("wrong token audience"),
+                ErrorKind::MissingRequiredClaim(_) => {
+                    ServiceError::Unauthenticated("token lacks a required claim (exp)")
+                }
+                _ => INVALID,
+            })
+    }
+}
+
+fn bearer_token(metadata: &MetadataMap) -> Result<&str, ServiceError> {
+    let mut values = metadata.get_all("authorization").iter();
+    let value = values
+        .next()
+        .ok_or(ServiceError::Unauthenticated("missing bearer token"))?;
+    if values.next().is_some() {
+        return Err(ServiceError::Unauthenticated("more than one authorization header"));
+    }
+    let value = value
+        .to_str()
+        .map_err(|_| ServiceError::Unauthenticated("malformed authorization header"))?;
+    // The scheme is case-insensitive (RFC 9110 §11.1).
+    match value.split_once(' ') {
+        Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty() => {
+            Ok(token.trim())
+        }
+        _ => Err(ServiceError::Unauthenticated(
+            "authorization must be 'Bearer <token>'",
+        )),
+    }
+}
+
+fn validation(algorithms: &[Algorithm], settings: &AuthSettings) -> Validation {
+    let mut validation = Validation::new(algorithms[0]);
+    validation.algorithms = algorithms.to_vec();
+    validation.set_required_spec_claims(&["exp"]);
+    validation.validate_exp = true;
+    validation.validate_nbf = true;
+    validation.leeway = settings.leeway_seconds;
+    match &settings.issuer {
+        Some(issuer) => validation.set_issuer(&[issuer]),
+        None => validation.iss = None,
+    }
+    match &settings.audience {
+        Some(audience) => validation.set_audience(&[audience]),
+        // Without a configured audience, a token's `aud` is not checked
+        // (jsonwebtoken would otherwise reject every token that has one).
+        None => validation.validate_aud = false,
+    }
+    validation
+}
+
+/// Reads a PEM public key and accepts the algorithms of its type: RSA keys
+/// RS*/PS*, EC keys ES256/ES384, Ed25519 keys EdDSA.
+fn load_public_key(path: &Path, settings: &AuthSettings) -> anyhow::Result<Verifier> {
+    let pem = fs::read(path)
+        .with_context(|| format!("cannot read AUTH_JWT_PUBLIC_KEY_FILE {}", path.display()))?;
+    let (key, algorithms): (DecodingKey, &[Algorithm]) =
+        if let Ok(key) = DecodingKey::from_rsa_pem(&pem) {
+            (key, &[
+                Algorithm::RS256,
+                Algorithm::RS384,
+                Algorithm::RS512,
+                Algorithm::PS256,
+                Algorithm::PS384,
+                Algorithm::PS512,
+            ])
+        } else if let Ok(key) = DecodingKey::from_ec_pem(&pem) {
+            (key, &[Algorithm::ES256, Algorithm::ES384])
+        } else if let Ok(key) = DecodingKey::from_ed_pem(&pem) {
+            (key, &[Algorithm::EdDSA])
+        } else {
+            anyhow::bail!(
+                "AUTH_JWT_PUBLIC_KEY_FILE {} is not a PEM RSA, EC or Ed25519 public key",
+                path.display()
+            );
+        };
+    Ok(Verifier {
+        key,
+        validation: validation(algorithms, settings),
+    })
+}
+
+/// Signs an HS256 token for `organization`, as an identity provider would;
+/// for `dev`, the `token` command and tests.
+pub fn mint_hs256_token(
+    secret: &str,
+    organization: &str,
+    ttl: std::time::Duration,
+    issuer: Option<&str>,
+    audience: Option<&str>,
+) -> anyhow::Result<String> {
+    let now = chrono::Utc::now().timestamp();
+    let ttl = i64::try_from(ttl.as_secs()).context("token lifetime is too long")?;
+    let mut claims = serde_json::json!({
+        "org_id": organization,
+        "iat": now,
+        "exp": now.saturating_add(ttl),
+    });
+    if let Some(issuer) = issuer {
+        claims["iss"] = issuer.into();
+    }
+    if let Some(audience) = audience {
+        claims["aud"] = audience.into();
+    }
+    let header = jsonwebtoken::Header::new(Algorithm::HS256);
+    let key = jsonwebtoken::EncodingKey::from_secret(secret.as_bytes());
+    Ok(jsonwebtoken::encode(&header, &claims, &key)?)
+}

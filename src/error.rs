@@ -1,0 +1,190 @@
+//! The service's errors, and their one mapping to `tonic::Status`.
+
+use std::collections::HashMap;
+
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
+
+use crate::domain::{AgentHandle, ChannelId, ChannelKind};
+
+/// `ErrorInfo.domain` of every error this service returns.
+pub const ERROR_DOMAIN: &str = "channel-assignment";
+
+/// One field of a request that is missing or malformed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldViolation {
+    pub field: &'static str,
+    pub description: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    /// No usable credentials. The detail is safe to show the caller.
+    #[error("unauthenticated: {0}")]
+    Unauthenticated(&'static str),
+    #[error("the credentials carry no valid organization id")]
+    OrganizationIdMissing,
+    #[error("invalid argument")]
+    InvalidArgument(Vec<FieldViolation>),
+    #[error("identity not found")]
+    IdentityNotFound(AgentHandle),
+    #[error("{0:?} not found")]
+    ChannelNotFound(ChannelKind, ChannelId),
+    #[error("{0:?} is already assigned to another identity")]
+    ChannelAlreadyAssigned(ChannelKind, ChannelId),
+    #[error("the request's deadline passed")]
+    DeadlineExceeded,
+    #[error("the database is unavailable")]
+    Unavailable(#[source] sqlx::Error),
+    #[error("internal error")]
+    Internal(#[source] anyhow::Error),
+}
+
+impl ServiceError {
+    /// Classifies a database error that has no meaning for the operation.
+    pub fn from_database(error: sqlx::Error) -> Self {
+        use sqlx::Error as E;
+        match &error {
+            E::PoolTimedOut | E::PoolClosed | E::Io(_) | E::Tls(_) | E::WorkerCrashed => {
+                Self::Unavailable(error)
+            }
+            E::Database(db) => match db.code().as_deref() {
+                // statement_timeout or a cancel request
+                Some("57014") => Self::DeadlineExceeded,
+                // connection exceptions, server shutting down or starting,
+                // too many connections, serialization failures left after retries
+                Some(code)
+                    if code.starts_with("08")
+                        || code.starts_with("53")
+                        || code.starts_with("57P")
+                        || code == "40001"
+                        || code == "40P01" =>
+                {
+                    Self::Unavailable(error)
+                }
+                _ => Self::Internal(error.into()),
+            },
+            _ => Self::Internal(error.into()),
+        }
+    }
+
+    /// The `ErrorInfo.reason`: stable, machine-readable, part of the contract.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Unauthenticated(_) => "UNAUTHENTICATED",
+            Self::OrganizationIdMissing => "ORGANIZATION_ID_MISSING",
+            Self::InvalidArgument(_) => "INVALID_ARGUMENT",
+            Self::IdentityNotFound(_) => "IDENTITY_NOT_FOUND",
+            Self::ChannelNotFound(ChannelKind::Mailbox, _) => "MAILBOX_NOT_FOUND",
+            Self::ChannelNotFound(ChannelKind::PhoneNumber, _) => "PHONE_NUMBER_NOT_FOUND",
+            Self::ChannelAlreadyAssigned(ChannelKind::Mailbox, _) => "MAILBOX_ALREADY_ASSIGNED",
+            Self::ChannelAlreadyAssigned(ChannelKind::PhoneNumber, _) => {
+                "PHONE_NUMBER_ALREADY_ASSIGNED"
+            }
+            Self::DeadlineExceeded => "DEADLINE_EXCEEDED",
+            Self::Unavailable(_) => "UNAVAILABLE",
+            Self::Internal(_) => "INTERNAL",
+        }
+    }
+
+    fn code_and_http_status(&self) -> (Code, u16) {
+        match self {
+            Self::Unauthenticated(_) => (Code::Unauthenticated, 401),
+            Self::OrganizationIdMissing => (Code::PermissionDenied, 403),
+            Self::InvalidArgument(_) => (Code::InvalidArgument, 422),
+            Self::IdentityNotFound(_) | Self::ChannelNotFound(..) => (Code::NotFound, 404),
+            Self::ChannelAlreadyAssigned(..) => (Code::AlreadyExists, 409),
+            Self::DeadlineExceeded => (Code::DeadlineExceeded, 504),
+            Self::Unavailable(_) => (Code::Unavailable, 503),
+            Self::Internal(_) => (Code::Internal, 500),
+        }
+    }
+
+    /// A short, human message that never carries SQL, internals, or anything
+    /// about resources the caller does not own.
+    fn message(&self) -> String {
+        match self {
+            Self::Unauthenticated(detail) => format!("unauthenticated: {detail}"),
+            Self::OrganizationIdMissing => {
+                "the token carries no valid organization id (org_id)".to_owned()
+            }
+            Self::InvalidArgument(violations) => {
+                let fields: Vec<&str> = violations.iter().map(|v| v.field).collect();
+                format!("invalid argument: {}", fields.join(", "))
+            }
+            Self::IdentityNotFound(handle) => format!("identity '{handle}' not found"),
+            Self::ChannelNotFound(kind, id) => format!("{} {id} not found", noun(*kind)),
+            Self::ChannelAlreadyAssigned(kind, id) => {
+                format!("{} {id} is already assigned to another identity", noun(*kind))
+            }
+            Self::DeadlineExceeded => "the request's deadline passed".to_owned(),
+            Self::Unavailable(_) => "the service is temporarily unavailable, retry later".to_owned(),
+            Self::Internal(_) => "internal error".to_owned(),
+        }
+    }
+}
+
+fn noun(kind: ChannelKind) -> &'static str {
+    match kind {
+        ChannelKind::Mailbox => "mailbox",
+        ChannelKind::PhoneNumber => "phone number",
+    }
+}
+
+impl From<ServiceError> for Status {
+    fn from(error: ServiceError) -> Self {
+        let (code, http_status) = error.code_and_http_status();
+        if matches!(error, ServiceError::Internal(_) | ServiceError::Unavailable(_)) {
+            // The caller sees a generic message; the cause goes to the log.
+            tracing::error!(error = ?anyhow_chain(&error), reason = error.reason(), "request failed");
+        }
+
+        let mut details = ErrorDetails::new();
+        details.set_error_info(
+            error.reason(),
+            ERROR_DOMAIN,
+            HashMap::from([("http_status".to_owned(), http_status.to_string())]),
+        );
+        match &error {
+            ServiceError::InvalidArgument(violations) => {
+                for violation in violations {
+                    details.add_bad_request_violation(violation.field, &violation.description);
+                }
+            }
+            ServiceError::IdentityNotFound(handle) => {
+                details.set_resource_info(
+                    "channels.v1.Identity",
+                    handle.as_str(),
+                    "",
+                    "no such identity in the caller's organization",
+                );
+            }
+            ServiceError::ChannelNotFound(kind, id) => {
+                let resource_type = match kind {
+                    ChannelKind::Mailbox => "channels.v1.Mailbox",
+                    ChannelKind::PhoneNumber => "channels.v1.PhoneNumber",
+                };
+                details.set_resource_info(
+                    resource_type,
+                    id.to_string(),
+                    "",
+                    format!("no such {} in the caller's organization", noun(*kind)),
+                );
+            }
+            _ => {}
+        }
+        Status::with_error_details(code, error.message(), details)
+    }
+}
+
+/// Renders an error with its whole source chain, for logs.
+fn anyhow_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut rendered = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        rendered.push_str(": ");
+        rendered.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    rendered
+}

@@ -1,0 +1,95 @@
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use channel_assignment::{
+    MIGRATOR, auth,
+    config::{Cli, Command, DatabaseSettings},
+    dev, startup, telemetry,
+};
+use clap::Parser as _;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    telemetry::init(cli.log_format);
+    let outcome = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+        .and_then(|runtime| runtime.block_on(run(cli.command)));
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            // One line, with its causes, for operators and for `kubectl logs`.
+            eprintln!("channel-assignment: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Migrate(database) => {
+            let url = required_database_url(&database)?;
+            let pool = sqlx::postgres::PgPoolOptions::new()
+                .max_connections(1)
+                .acquire_timeout(database.database_acquire_timeout)
+                .connect(url)
+                .await
+                .context("cannot connect to the database")?;
+            MIGRATOR.run(&pool).await.context("migration failed")?;
+            tracing::info!("migrations applied");
+            Ok(())
+        }
+        Command::Serve(settings) => {
+            let url = required_database_url(&settings.database)?;
+            let options = startup::connect_options(url, settings.request_timeout)?;
+            let pool = startup::lazy_pool(&settings.database, options);
+            let application = startup::Application::build(settings, pool).await?;
+            application.run(shutdown_signal()).await
+        }
+        Command::Dev(settings) => dev::run(settings, shutdown_signal()).await,
+        Command::Token(settings) => {
+            let token = auth::mint_hs256_token(
+                &settings.hs256_secret,
+                &settings.org_id,
+                settings.ttl,
+                settings.issuer.as_deref(),
+                settings.audience.as_deref(),
+            )?;
+            println!("{token}");
+            Ok(())
+        }
+    }
+}
+
+fn required_database_url(database: &DatabaseSettings) -> anyhow::Result<&str> {
+    database
+        .database_url
+        .as_deref()
+        .context("DATABASE_URL (or --database-url) is required")
+}
+
+/// Completes on SIGTERM (Kubernetes) or SIGINT (Ctrl-C).
+async fn shutdown_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(error) => {
+                tracing::error!(%error, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    let interrupt = async {
+        if let Err(error) = tokio::signal::ctrl_c().await {
+            tracing::error!(%error, "cannot listen for SIGINT");
+            std::future::pending::<()>().await;
+        }
+    };
+    tokio::select! {
+        () = terminate => tracing::info!("received SIGTERM"),
+        () = interrupt => tracing::info!("received SIGINT"),
+    }
+}

@@ -1,0 +1,209 @@
+//! Builds the server from settings, binds it, serves, and drains on shutdown.
+
+use std::{future::Future, net::SocketAddr, str::FromStr, sync::Arc, time::Duration};
+
+use anyhow::Context as _;
+use sqlx::{
+    PgPool,
+    postgres::{PgConnectOptions, PgPoolOptions},
+};
+use tokio::{net::TcpListener, sync::watch};
+use tonic::transport::{Server, server::TcpIncoming};
+use tonic_health::{ServingStatus, server::HealthReporter};
+
+use crate::auth::Authenticator;
+use crate::config::{DatabaseSettings, ServeSettings};
+use crate::proto::channel_assignment_server::ChannelAssignmentServer;
+use crate::service::ChannelAssignmentService;
+use crate::store::Store;
+use crate::telemetry::{self, RpcLogLayer};
+
+/// Health service names that follow the database.
+const DATABASE_DEPENDENT_SERVICES: [&str; 3] = [
+    "",
+    <ChannelAssignmentServer<ChannelAssignmentService> as tonic::server::NamedService>::NAME,
+    "readiness",
+];
+/// SERVING while the process can serve at all: a database outage must not get
+/// the pod restarted.
+const LIVENESS: &str = "liveness";
+
+/// Largest request message accepted; the real ones are a few hundred bytes.
+const MAX_MESSAGE_SIZE: usize = 64 * 1024;
+
+/// Connection options for `database_url`, with a server-side statement
+/// timeout so that abandoned statements do not run on.
+pub fn connect_options(
+    database_url: &str,
+    statement_timeout: Duration,
+) -> anyhow::Result<PgConnectOptions> {
+    let statement_timeout_ms = statement_timeout.as_millis().to_string();
+    Ok(PgConnectOptions::from_str(database_url)
+        .context("DATABASE_URL is not a valid PostgreSQL connection string")?
+        .application_name("channel-assignment")
+        .options([("statement_timeout", statement_timeout_ms.as_str())]))
+}
+
+/// A pool that connects lazily: the service starts (and reports NOT_SERVING)
+/// while the database is down, and recovers by itself when it returns.
+pub fn lazy_pool(settings: &DatabaseSettings, options: PgConnectOptions) -> PgPool {
+    PgPoolOptions::new()
+        .max_connections(settings.database_max_connections)
+        .acquire_timeout(settings.database_acquire_timeout)
+        .idle_timeout(Duration::from_secs(300))
+        .connect_lazy_with(options)
+}
+
+pub struct Application {
+    listener: TcpListener,
+    settings: ServeSettings,
+    authenticator: Arc<Authenticator>,
+    store: Store,
+}
+
+impl Application {
+    /// Checks the settings and binds the listener; serving starts with `run`.
+    pub async fn build(settings: ServeSettings, pool: PgPool) -> anyhow::Result<Self> {
+        let authenticator = Arc::new(Authenticator::from_settings(&settings.auth)?);
+        let listener = TcpListener::bind(settings.grpc_listen_addr)
+            .await
+            .with_context(|| format!("cannot listen on {}", settings.grpc_listen_addr))?;
+        Ok(Self {
+            listener,
+            settings,
+            authenticator,
+            store: Store::new(pool),
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .unwrap_or(self.settings.grpc_listen_addr)
+    }
+
+    /// Serves until `shutdown` completes, then reports NOT_SERVING, lets
+    /// in-flight RPCs finish (bounded by the drain timeout) and closes the pool.
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
+        let Self {
+            listener,
+            settings,
+            authenticator,
+            store,
+        } = self;
+
+        let (health_reporter, health_service) = tonic_health::server::health_reporter();
+        // Nothing is SERVING before the database has answered once.
+        for name in DATABASE_DEPENDENT_SERVICES {
+            health_reporter
+                .set_service_status(name, ServingStatus::NotServing)
+                .await;
+        }
+        health_reporter
+            .set_service_status(LIVENESS, ServingStatus::Serving)
+            .await;
+        let monitor = tokio::spawn(monitor_database(
+            store.clone(),
+            health_reporter.clone(),
+            settings.health_check_interval,
+        ));
+
+        let reflection_v1 = reflection_builder().build_v1()?;
+        let reflection_v1alpha = reflection_builder().build_v1alpha()?;
+
+        let service = ChannelAssignmentService::new(store.clone(), settings.request_timeout);
+        let service = ChannelAssignmentServer::new(service)
+            .max_decoding_message_size(MAX_MESSAGE_SIZE)
+            .max_encoding_message_size(MAX_MESSAGE_SIZE);
+        let service = tonic::service::interceptor::InterceptedService::new(
+            service,
+            move |mut request: tonic::Request<()>| {
+                let organization = authenticator.authenticate(request.metadata())?;
+                telemetry::record_organization(organization.as_str());
+                request.extensions_mut().insert(organization);
+                Ok(request)
+            },
+        );
+        let service = tower::Layer::layer(&RpcLogLayer, service);
+
+        let local_addr = listener.local_addr()?;
+        let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+        let (drain_started, mut drain_started_rx) = watch::channel(false);
+        let reporter = health_reporter.clone();
+        let signal = async move {
+            shutdown.await;
+            tracing::info!("shutting down: reporting NOT_SERVING and draining in-flight rpcs");
+            // Stopped first, so that it cannot report SERVING again.
+            monitor.abort();
+            let _ = monitor.await;
+            for name in DATABASE_DEPENDENT_SERVICES {
+                reporter.set_service_status(name, ServingStatus::NotServing).await;
+            }
+            let _ = drain_started.send(true);
+        };
+
+        tracing::info!(address = %local_addr, "serving gRPC");
+        let server = Server::builder()
+            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+            .add_service(health_service)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
+            .add_service(service)
+            .serve_with_incoming_shutdown(incoming, signal);
+
+        // An open stream (a health Watch) would hold the drain forever.
+        let drain_timeout = settings.shutdown_drain_timeout;
+        let drain_deadline = async move {
+            let _ = drain_started_rx.wait_for(|started| *started).await;
+            tokio::time::sleep(drain_timeout).await;
+        };
+        tokio::select! {
+            served = server => served.context("gRPC server failed")?,
+            () = drain_deadline => {
+                tracing::warn!(?drain_timeout, "drain timed out; closing remaining connections");
+            }
+        }
+        store.pool().close().await;
+        tracing::info!("stopped");
+        Ok(())
+    }
+}
+
+fn reflection_builder() -> tonic_reflection::server::Builder<'static> {
+    tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        // So that grpcurl can decode google.rpc error details.
+        .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
+}
+
+/// Follows the database's availability in the health service.
+async fn monitor_database(
+    store: Store,
+    reporter: HealthReporter,
+    interval: Duration,
+) {
+    let mut was_serving = None;
+    loop {
+        // A check that hangs counts as a failure, and no later than one interval.
+        let serving = matches!(tokio::time::timeout(interval, store.ping()).await, Ok(Ok(())));
+        if was_serving != Some(serving) {
+            if serving {
+                tracing::info!("database reachable: SERVING");
+            } else {
+                tracing::warn!("database unreachable: NOT_SERVING");
+            }
+            let status = if serving {
+                ServingStatus::Serving
+            } else {
+                ServingStatus::NotServing
+            };
+            for name in DATABASE_DEPENDENT_SERVICES {
+                reporter.set_service_status(name, status).await;
+            }
+            was_serving = Some(serving);
+        }
+        tokio::time::sleep(interval).await;
+    }
+}
