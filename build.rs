@@ -16,7 +16,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         // Identity details carry e-mail addresses and phone numbers: keep them
         // out of logs that print a request or response with `{:?}`.
-        .skip_debug([".channels.v1.Identity", ".channels.v1.Mailbox", ".channels.v1.PhoneNumber"])
+        .skip_debug([
+            ".channels.v1.Identity",
+            ".channels.v1.Mailbox",
+            ".channels.v1.PhoneNumber",
+        ])
         .compile_fds(file_descriptors)?;
 
     // compile_fds does not emit rerun lines of its own.

@@ -14,6 +14,20 @@ BEGIN
 END
 $$;
 
+-- Called in RETURNING, i.e. after the row lock is held: a statement that waited
+-- past its request's deadline fails (and so writes nothing) instead of
+-- writing what the caller was already told did not happen. A WHERE condition
+-- cannot do this: a row that was only locked, not updated, is not re-checked.
+CREATE FUNCTION ensure_in_time(remaining_seconds double precision) RETURNS boolean
+LANGUAGE plpgsql VOLATILE AS $$
+BEGIN
+    IF clock_timestamp() > statement_timestamp() + make_interval(secs => remaining_seconds) THEN
+        RAISE EXCEPTION 'request deadline passed' USING ERRCODE = 'query_canceled';
+    END IF;
+    RETURN true;
+END
+$$;
+
 CREATE TABLE mailboxes (
     organization_id text        NOT NULL,
     id              uuid        NOT NULL DEFAULT gen_random_uuid(),

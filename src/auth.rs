@@ -16,8 +16,10 @@ use crate::error::ServiceError;
 
 pub const TRUSTED_ORGANIZATION_HEADER: &str = "x-organization-id";
 
-/// Far above any real token; refuses to spend work on junk.
-const MAX_TOKEN_LEN: usize = 16 * 1024;
+/// Far above any real token; refuses to spend work on junk. The server's
+/// header limit (startup.rs) is larger, so that such a token gets a gRPC
+/// UNAUTHENTICATED rather than an HTTP 431.
+pub const MAX_TOKEN_LEN: usize = 8 * 1024;
 
 /// A verifier for one key: the algorithms it accepts and the claims it checks.
 struct Verifier {
@@ -120,7 +122,7 @@ impl Authenticator {
                 ErrorKind::InvalidIssuer => ServiceError::Unauthenticated("wrong token issuer"),
                 ErrorKind::InvalidAudience => ServiceError::Unauthenticated("wrong token audience"),
                 ErrorKind::MissingRequiredClaim(_) => {
-                    ServiceError::Unauthenticated("token lacks a required claim (exp)")
+                    ServiceError::Unauthenticated("token lacks a required claim")
                 }
                 _ => INVALID,
             })
@@ -133,14 +135,18 @@ fn bearer_token(metadata: &MetadataMap) -> Result<&str, ServiceError> {
         .next()
         .ok_or(ServiceError::Unauthenticated("missing bearer token"))?;
     if values.next().is_some() {
-        return Err(ServiceError::Unauthenticated("more than one authorization header"));
+        return Err(ServiceError::Unauthenticated(
+            "more than one authorization header",
+        ));
     }
     let value = value
         .to_str()
         .map_err(|_| ServiceError::Unauthenticated("malformed authorization header"))?;
     // The scheme is case-insensitive (RFC 9110 §11.1).
     match value.split_once(' ') {
-        Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty() => {
+        Some((scheme, token))
+            if scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty() =>
+        {
             Ok(token.trim())
         }
         _ => Err(ServiceError::Unauthenticated(
@@ -152,20 +158,29 @@ fn bearer_token(metadata: &MetadataMap) -> Result<&str, ServiceError> {
 fn validation(algorithms: &[Algorithm], settings: &AuthSettings) -> Validation {
     let mut validation = Validation::new(algorithms[0]);
     validation.algorithms = algorithms.to_vec();
-    validation.set_required_spec_claims(&["exp"]);
     validation.validate_exp = true;
     validation.validate_nbf = true;
     validation.leeway = settings.leeway_seconds;
+    // jsonwebtoken checks `iss`/`aud` only when present unless they are
+    // required: a token without them must not pass a configured check.
+    let mut required = vec!["exp"];
     match &settings.issuer {
-        Some(issuer) => validation.set_issuer(&[issuer]),
+        Some(issuer) => {
+            validation.set_issuer(&[issuer]);
+            required.push("iss");
+        }
         None => validation.iss = None,
     }
     match &settings.audience {
-        Some(audience) => validation.set_audience(&[audience]),
+        Some(audience) => {
+            validation.set_audience(&[audience]);
+            required.push("aud");
+        }
         // Without a configured audience, a token's `aud` is not checked
         // (jsonwebtoken would otherwise reject every token that has one).
         None => validation.validate_aud = false,
     }
+    validation.set_required_spec_claims(&required);
     validation
 }
 
@@ -176,14 +191,17 @@ fn load_public_key(path: &Path, settings: &AuthSettings) -> anyhow::Result<Verif
         .with_context(|| format!("cannot read AUTH_JWT_PUBLIC_KEY_FILE {}", path.display()))?;
     let (key, algorithms): (DecodingKey, &[Algorithm]) =
         if let Ok(key) = DecodingKey::from_rsa_pem(&pem) {
-            (key, &[
-                Algorithm::RS256,
-                Algorithm::RS384,
-                Algorithm::RS512,
-                Algorithm::PS256,
-                Algorithm::PS384,
-                Algorithm::PS512,
-            ])
+            (
+                key,
+                &[
+                    Algorithm::RS256,
+                    Algorithm::RS384,
+                    Algorithm::RS512,
+                    Algorithm::PS256,
+                    Algorithm::PS384,
+                    Algorithm::PS512,
+                ],
+            )
         } else if let Ok(key) = DecodingKey::from_ec_pem(&pem) {
             (key, &[Algorithm::ES256, Algorithm::ES384])
         } else if let Ok(key) = DecodingKey::from_ed_pem(&pem) {

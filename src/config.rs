@@ -5,7 +5,11 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 #[derive(Debug, Parser)]
-#[command(name = "channel-assignment", version, about = "Links mailboxes and phone numbers to AI-agent identities, over gRPC")]
+#[command(
+    name = "channel-assignment",
+    version,
+    about = "Links mailboxes and phone numbers to AI-agent identities, over gRPC"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -81,7 +85,11 @@ pub struct ServeSettings {
 #[derive(Debug, Clone, Args)]
 pub struct AuthSettings {
     /// Shared secret for HS256 tokens (at least 16 bytes).
-    #[arg(long = "auth-jwt-hs256-secret", env = "AUTH_JWT_HS256_SECRET", hide_env_values = true)]
+    #[arg(
+        long = "auth-jwt-hs256-secret",
+        env = "AUTH_JWT_HS256_SECRET",
+        hide_env_values = true
+    )]
     pub hs256_secret: Option<String>,
 
     /// PEM public key (RSA, EC P-256/P-384 or Ed25519) for asymmetric tokens.
@@ -97,7 +105,11 @@ pub struct AuthSettings {
     pub audience: Option<String>,
 
     /// Clock skew tolerated on `exp` and `nbf`, in seconds.
-    #[arg(long = "auth-jwt-leeway-seconds", env = "AUTH_JWT_LEEWAY_SECONDS", default_value_t = 5)]
+    #[arg(
+        long = "auth-jwt-leeway-seconds",
+        env = "AUTH_JWT_LEEWAY_SECONDS",
+        default_value_t = 5
+    )]
     pub leeway_seconds: u64,
 
     /// Accept the caller's organization from the x-organization-id header
@@ -117,7 +129,11 @@ pub struct TokenSettings {
     #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
     pub ttl: Duration,
 
-    #[arg(long = "auth-jwt-hs256-secret", env = "AUTH_JWT_HS256_SECRET", hide_env_values = true)]
+    #[arg(
+        long = "auth-jwt-hs256-secret",
+        env = "AUTH_JWT_HS256_SECRET",
+        hide_env_values = true
+    )]
     pub hs256_secret: String,
 
     #[arg(long = "auth-jwt-issuer", env = "AUTH_JWT_ISSUER")]

@@ -69,9 +69,11 @@ pub async fn run(
     )?;
 
     let options = startup::connect_options(&url, settings.request_timeout)?;
-    let application =
-        startup::Application::build(settings.clone(), startup::lazy_pool(&settings.database, options))
-            .await?;
+    let application = startup::Application::build(
+        settings.clone(),
+        startup::lazy_pool(&settings.database, options),
+    )
+    .await?;
     print_walkthrough(&reachable(application.local_addr()), &token);
     pool.close().await;
     application.run(shutdown).await
@@ -85,8 +87,13 @@ async fn prepare_database(url: &str) -> anyhow::Result<PgPool> {
             redact(url)
         )
     };
-    if !Postgres::database_exists(url).await.with_context(unreachable)? {
-        Postgres::create_database(url).await.with_context(unreachable)?;
+    if !Postgres::database_exists(url)
+        .await
+        .with_context(unreachable)?
+    {
+        Postgres::create_database(url)
+            .await
+            .with_context(unreachable)?;
     }
     let pool = PgPool::connect(url).await.with_context(unreachable)?;
     MIGRATOR.run(&pool).await.context("migration failed")?;
@@ -142,11 +149,26 @@ fn print_walkthrough(address: &SocketAddr, token: &str) {
          # unlink the mailbox again (the mailbox is kept)\n{}\n\n\
          # health\n\
          grpcurl -plaintext -d '{{\"service\":\"readiness\"}}' {address} grpc.health.v1.Health/Check\n",
-        call("AssignMailbox", &format!(r#"{{"agent_handle":"sales-agent","mailbox_id":"{SALES_MAILBOX}"}}"#)),
-        call("AssignPhoneNumber", &format!(r#"{{"agent_handle":"@sales-agent","phone_number_id":"{SALES_PHONE}"}}"#)),
-        call("AssignMailbox", &format!(r#"{{"agent_handle":"sales-agent","mailbox_id":"{SPARE_MAILBOX}"}}"#)),
-        call("AssignMailbox", &format!(r#"{{"agent_handle":"billing-agent","mailbox_id":"{SUPPORT_MAILBOX}"}}"#)),
-        call("AssignMailbox", &format!(r#"{{"agent_handle":"billing-agent","mailbox_id":"{OTHER_ORG_MAILBOX}"}}"#)),
+        call(
+            "AssignMailbox",
+            &format!(r#"{{"agent_handle":"sales-agent","mailbox_id":"{SALES_MAILBOX}"}}"#)
+        ),
+        call(
+            "AssignPhoneNumber",
+            &format!(r#"{{"agent_handle":"@sales-agent","phone_number_id":"{SALES_PHONE}"}}"#)
+        ),
+        call(
+            "AssignMailbox",
+            &format!(r#"{{"agent_handle":"sales-agent","mailbox_id":"{SPARE_MAILBOX}"}}"#)
+        ),
+        call(
+            "AssignMailbox",
+            &format!(r#"{{"agent_handle":"billing-agent","mailbox_id":"{SUPPORT_MAILBOX}"}}"#)
+        ),
+        call(
+            "AssignMailbox",
+            &format!(r#"{{"agent_handle":"billing-agent","mailbox_id":"{OTHER_ORG_MAILBOX}"}}"#)
+        ),
         call("UnassignMailbox", r#"{"agent_handle":"sales-agent"}"#),
     );
 }

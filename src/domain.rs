@@ -107,11 +107,13 @@ impl ChannelId {
         // Only the canonical 36-character form: braces, URNs and bare hex are
         // accepted by `Uuid::parse_str` but are not what the API documents.
         if raw.len() != 36 {
-            return Err(format!("{field} must be a UUID such as 0b6a4b9e-3c1f-4f8e-9d2a-5c7e1f0a9b3d"));
+            return Err(format!(
+                "{field} must be a UUID such as 0b6a4b9e-3c1f-4f8e-9d2a-5c7e1f0a9b3d"
+            ));
         }
-        Uuid::try_parse(raw)
-            .map(Self)
-            .map_err(|_| format!("{field} must be a UUID such as 0b6a4b9e-3c1f-4f8e-9d2a-5c7e1f0a9b3d"))
+        Uuid::try_parse(raw).map(Self).map_err(|_| {
+            format!("{field} must be a UUID such as 0b6a4b9e-3c1f-4f8e-9d2a-5c7e1f0a9b3d")
+        })
     }
 
     pub fn as_uuid(self) -> Uuid {
@@ -131,22 +133,45 @@ mod tests {
 
     #[test]
     fn organization_ids_as_providers_issue_them_are_accepted() {
-        for raw in ["org_2abcDEF", "0b6a4b9e-3c1f-4f8e-9d2a-5c7e1f0a9b3d", "a", &"x".repeat(64)] {
-            assert_eq!(OrganizationId::parse(raw).map(|o| o.0), Some(raw.to_owned()), "{raw}");
+        for raw in [
+            "org_2abcDEF",
+            "0b6a4b9e-3c1f-4f8e-9d2a-5c7e1f0a9b3d",
+            "a",
+            &"x".repeat(64),
+        ] {
+            assert_eq!(
+                OrganizationId::parse(raw).map(|o| o.0),
+                Some(raw.to_owned()),
+                "{raw}"
+            );
         }
     }
 
     #[test]
     fn malformed_organization_ids_are_rejected() {
-        for raw in ["", &"x".repeat(65), "org 1", "org/1", "org.1", "org\u{e9}", "org\n"] {
+        for raw in [
+            "",
+            &"x".repeat(65),
+            "org 1",
+            "org/1",
+            "org.1",
+            "org\u{e9}",
+            "org\n",
+        ] {
             assert!(OrganizationId::parse(raw).is_none(), "{raw:?}");
         }
     }
 
     #[test]
     fn a_leading_at_sign_is_not_part_of_the_handle() {
-        assert_eq!(AgentHandle::parse("@sales-agent").unwrap().as_str(), "sales-agent");
-        assert_eq!(AgentHandle::parse("sales-agent").unwrap().as_str(), "sales-agent");
+        assert_eq!(
+            AgentHandle::parse("@sales-agent").unwrap().as_str(),
+            "sales-agent"
+        );
+        assert_eq!(
+            AgentHandle::parse("sales-agent").unwrap().as_str(),
+            "sales-agent"
+        );
         assert!(AgentHandle::parse("@@sales-agent").is_err());
     }
 
@@ -161,7 +186,13 @@ mod tests {
 
     #[test]
     fn handles_outside_the_character_set_are_rejected() {
-        for raw in ["sales agent", "a/b", "a'; drop table identities; --", "agent\u{e9}", "a@b"] {
+        for raw in [
+            "sales agent",
+            "a/b",
+            "a'; drop table identities; --",
+            "agent\u{e9}",
+            "a@b",
+        ] {
             assert!(AgentHandle::parse(raw).is_err(), "{raw:?}");
         }
         assert!(AgentHandle::parse("Sales.Agent_01-x").is_ok());
@@ -170,9 +201,19 @@ mod tests {
     #[test]
     fn channel_ids_must_be_canonical_uuids() {
         let id = "0b6a4b9e-3c1f-4f8e-9d2a-5c7e1f0a9b3d";
-        assert_eq!(ChannelId::parse(ChannelKind::Mailbox, id).unwrap().to_string(), id);
+        assert_eq!(
+            ChannelId::parse(ChannelKind::Mailbox, id)
+                .unwrap()
+                .to_string(),
+            id
+        );
         assert!(ChannelId::parse(ChannelKind::Mailbox, &id.to_uppercase()).is_ok());
-        for raw in ["", "not-a-uuid", "0b6a4b9e3c1f4f8e9d2a5c7e1f0a9b3d", "{0b6a4b9e-3c1f-4f8e-9d2a-5c7e1f0a9b3d}"] {
+        for raw in [
+            "",
+            "not-a-uuid",
+            "0b6a4b9e3c1f4f8e9d2a5c7e1f0a9b3d",
+            "{0b6a4b9e-3c1f-4f8e-9d2a-5c7e1f0a9b3d}",
+        ] {
             let err = ChannelId::parse(ChannelKind::PhoneNumber, raw).unwrap_err();
             assert!(err.starts_with("phone_number_id "), "{err}");
         }

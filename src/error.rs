@@ -115,10 +115,15 @@ impl ServiceError {
             Self::IdentityNotFound(handle) => format!("identity '{handle}' not found"),
             Self::ChannelNotFound(kind, id) => format!("{} {id} not found", noun(*kind)),
             Self::ChannelAlreadyAssigned(kind, id) => {
-                format!("{} {id} is already assigned to another identity", noun(*kind))
+                format!(
+                    "{} {id} is already assigned to another identity",
+                    noun(*kind)
+                )
             }
             Self::DeadlineExceeded => "the request's deadline passed".to_owned(),
-            Self::Unavailable(_) => "the service is temporarily unavailable, retry later".to_owned(),
+            Self::Unavailable(_) => {
+                "the service is temporarily unavailable, retry later".to_owned()
+            }
             Self::Internal(_) => "internal error".to_owned(),
         }
     }
@@ -134,7 +139,10 @@ fn noun(kind: ChannelKind) -> &'static str {
 impl From<ServiceError> for Status {
     fn from(error: ServiceError) -> Self {
         let (code, http_status) = error.code_and_http_status();
-        if matches!(error, ServiceError::Internal(_) | ServiceError::Unavailable(_)) {
+        if matches!(
+            error,
+            ServiceError::Internal(_) | ServiceError::Unavailable(_)
+        ) {
             // The caller sees a generic message; the cause goes to the log.
             tracing::error!(error = ?anyhow_chain(&error), reason = error.reason(), "request failed");
         }

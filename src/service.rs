@@ -4,6 +4,7 @@
 use std::{future::Future, time::Duration};
 
 use chrono::{DateTime, Utc};
+use tokio::time::Instant;
 use tonic::{Request, Response, Status, metadata::MetadataMap};
 
 use crate::domain::{AgentHandle, ChannelId, ChannelKind, OrganizationId};
@@ -46,8 +47,15 @@ impl ChannelAssignmentService {
         let (Some(handle), Some(channel)) = (handle, channel) else {
             return Err(ServiceError::InvalidArgument(violations));
         };
-        let work = self.store.assign(organization, &handle, kind, channel);
-        let identity = within_deadline(self.deadline(metadata), work).await?;
+        let timeout = self.timeout(metadata);
+        let work = self.store.assign(
+            organization,
+            &handle,
+            kind,
+            channel,
+            Instant::now() + timeout,
+        );
+        let identity = within_deadline(timeout, work).await?;
         Ok(identity.into())
     }
 
@@ -63,17 +71,22 @@ impl ChannelAssignmentService {
         let Some(handle) = parse_handle(raw_handle, &mut violations) else {
             return Err(ServiceError::InvalidArgument(violations));
         };
-        let work = self.store.unassign(organization, &handle, kind);
-        within_deadline(self.deadline(metadata), work).await
+        let timeout = self.timeout(metadata);
+        let work = self
+            .store
+            .unassign(organization, &handle, kind, Instant::now() + timeout);
+        within_deadline(timeout, work).await
     }
 
     /// The server's request timeout, or the client's deadline if sooner.
-    fn deadline(&self, metadata: &MetadataMap) -> Duration {
+    fn timeout(&self, metadata: &MetadataMap) -> Duration {
         metadata
             .get("grpc-timeout")
             .and_then(|value| value.to_str().ok())
             .and_then(parse_grpc_timeout)
-            .map_or(self.request_timeout, |client| client.min(self.request_timeout))
+            .map_or(self.request_timeout, |client| {
+                client.min(self.request_timeout)
+            })
     }
 }
 
@@ -148,7 +161,9 @@ impl ChannelAssignment for ChannelAssignmentService {
 /// wiring bug, never the caller's fault.
 fn caller(organization: Option<&OrganizationId>) -> Result<&OrganizationId, ServiceError> {
     organization.ok_or_else(|| {
-        ServiceError::Internal(anyhow::anyhow!("request reached the service without an organization"))
+        ServiceError::Internal(anyhow::anyhow!(
+            "request reached the service without an organization"
+        ))
     })
 }
 
@@ -163,13 +178,15 @@ fn parse_handle(raw: &str, violations: &mut Vec<FieldViolation>) -> Option<Agent
         .ok()
 }
 
-/// Bounds the database work by the deadline. Dropping the future releases
-/// the connection; `statement_timeout` stops the statement server-side.
+/// Bounds the whole RPC by its deadline. The statement carries the deadline
+/// too and writes nothing once it has passed; the grace lets a statement that
+/// finished in time report so, rather than be cut off on the way back.
 async fn within_deadline<T>(
-    deadline: Duration,
+    timeout: Duration,
     work: impl Future<Output = Result<T, ServiceError>>,
 ) -> Result<T, ServiceError> {
-    tokio::time::timeout(deadline, work)
+    const REPORT_GRACE: Duration = Duration::from_millis(100);
+    tokio::time::timeout(timeout + REPORT_GRACE, work)
         .await
         .unwrap_or(Err(ServiceError::DeadlineExceeded))
 }
@@ -282,7 +299,10 @@ mod tests {
         assert_eq!(parse_grpc_timeout("2M"), Some(Duration::from_secs(120)));
         assert_eq!(parse_grpc_timeout("3S"), Some(Duration::from_secs(3)));
         assert_eq!(parse_grpc_timeout("250m"), Some(Duration::from_millis(250)));
-        assert_eq!(parse_grpc_timeout("99999999u"), Some(Duration::from_micros(99_999_999)));
+        assert_eq!(
+            parse_grpc_timeout("99999999u"),
+            Some(Duration::from_micros(99_999_999))
+        );
         assert_eq!(parse_grpc_timeout("10n"), Some(Duration::from_nanos(10)));
     }
 

@@ -30,6 +30,9 @@ const LIVENESS: &str = "liveness";
 
 /// Largest request message accepted; the real ones are a few hundred bytes.
 const MAX_MESSAGE_SIZE: usize = 64 * 1024;
+/// Room for an oversized token to reach the auth check (which refuses it
+/// with UNAUTHENTICATED) instead of failing as HTTP 431.
+const MAX_HEADER_LIST_SIZE: u32 = 4 * crate::auth::MAX_TOKEN_LEN as u32;
 
 /// Connection options for `database_url`, with a server-side statement
 /// timeout so that abandoned statements do not run on.
@@ -137,7 +140,9 @@ impl Application {
             monitor.abort();
             let _ = monitor.await;
             for name in DATABASE_DEPENDENT_SERVICES {
-                reporter.set_service_status(name, ServingStatus::NotServing).await;
+                reporter
+                    .set_service_status(name, ServingStatus::NotServing)
+                    .await;
             }
             let _ = drain_started.send(true);
         };
@@ -146,6 +151,7 @@ impl Application {
         let server = Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+            .http2_max_header_list_size(Some(MAX_HEADER_LIST_SIZE))
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
@@ -179,15 +185,14 @@ fn reflection_builder() -> tonic_reflection::server::Builder<'static> {
 }
 
 /// Follows the database's availability in the health service.
-async fn monitor_database(
-    store: Store,
-    reporter: HealthReporter,
-    interval: Duration,
-) {
+async fn monitor_database(store: Store, reporter: HealthReporter, interval: Duration) {
     let mut was_serving = None;
     loop {
         // A check that hangs counts as a failure, and no later than one interval.
-        let serving = matches!(tokio::time::timeout(interval, store.ping()).await, Ok(Ok(())));
+        let serving = matches!(
+            tokio::time::timeout(interval, store.ping()).await,
+            Ok(Ok(()))
+        );
         if was_serving != Some(serving) {
             if serving {
                 tracing::info!("database reachable: SERVING");

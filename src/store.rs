@@ -2,6 +2,8 @@
 //! every path. Outcomes are told apart from what the statement returns and
 //! from the constraint it hit, never from extra queries beforehand.
 
+use tokio::time::Instant;
+
 use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 use uuid::Uuid;
@@ -50,6 +52,11 @@ pub struct PhoneNumberRecord {
 /// COMMITTED), and the unique constraint on the link column decides between
 /// concurrent claims of one channel, so the outcome is right under any
 /// interleaving; the snapshot flags only explain a refusal.
+///
+/// The request's remaining time travels with the statement (`$4`, seconds):
+/// sqlx cannot cancel a statement whose future is dropped, so a statement
+/// that waited on a lock past the deadline must fail rather than write when it
+/// resumes (`ensure_in_time`, see the migration).
 macro_rules! assign_statement {
     ($channel_table:literal, $link_column:literal) => {
         concat!(
@@ -72,12 +79,12 @@ macro_rules! assign_statement {
                   AND i.status IN ('active', 'paused')
                   AND i.", $link_column, " IS DISTINCT FROM $3
                   AND NOT EXISTS (SELECT 1 FROM holder WHERE holder.id <> i.id)
-                RETURNING i.*
+                RETURNING i.*, ensure_in_time($4)
             ),
-            result AS (
-                SELECT * FROM linked
+            result AS (",
+            identity_columns!(), " FROM linked
                 UNION ALL
-                SELECT * FROM target WHERE NOT EXISTS (SELECT 1 FROM linked)
+                ", identity_columns!(), " FROM target WHERE NOT EXISTS (SELECT 1 FROM linked)
             )
             SELECT
                 EXISTS (SELECT 1 FROM channel) AS channel_found,
@@ -92,6 +99,7 @@ macro_rules! assign_statement {
 }
 
 /// Unlinks an identity's channel; a no-op (and no write) when none is linked.
+/// `$3` is the request's remaining time, guarded as for assign.
 macro_rules! unassign_statement {
     ($link_column:literal) => {
         concat!(
@@ -101,15 +109,27 @@ macro_rules! unassign_statement {
                   AND status IN ('active', 'paused')
             ),
             unlinked AS (
-                UPDATE identities AS i SET ", $link_column, " = NULL
+                UPDATE identities AS i SET ",
+            $link_column,
+            " = NULL
                 FROM target
                 WHERE i.organization_id = target.organization_id AND i.id = target.id
                   AND i.status IN ('active', 'paused')
-                  AND i.", $link_column, " IS NOT NULL
-                RETURNING i.id
+                  AND i.",
+            $link_column,
+            " IS NOT NULL
+                RETURNING i.id, ensure_in_time($3)
             )
             SELECT EXISTS (SELECT 1 FROM target) AS identity_found"
         )
+    };
+}
+
+/// The columns of `identities`, in one order for both sides of a UNION.
+macro_rules! identity_columns {
+    () => {
+        "SELECT organization_id, id, agent_handle, display_name, mailbox_id,
+                phone_number_id, status, created_at, updated_at"
     };
 }
 
@@ -186,6 +206,7 @@ impl Store {
         handle: &AgentHandle,
         kind: ChannelKind,
         channel: ChannelId,
+        deadline: Instant,
     ) -> Result<IdentityRecord, ServiceError> {
         let statement = match kind {
             ChannelKind::Mailbox => ASSIGN_MAILBOX,
@@ -197,6 +218,7 @@ impl Store {
                 .bind(organization.as_str())
                 .bind(handle.as_str())
                 .bind(channel.as_uuid())
+                .bind(remaining_seconds(deadline))
                 .fetch_one(&self.pool)
                 .await;
             let outcome = match result {
@@ -207,7 +229,7 @@ impl Store {
                 Err(ServiceError::Unavailable(ref error))
                     if is_transient_conflict(error) && attempt < MAX_ATTEMPTS => {}
                 Ok(AssignOutcome::Raced) if attempt < MAX_ATTEMPTS => {}
-                Ok(AssignOutcome::Linked(identity)) => return Ok(identity),
+                Ok(AssignOutcome::Linked(identity)) => return Ok(*identity),
                 Ok(AssignOutcome::Raced) => {
                     return Err(ServiceError::Internal(anyhow::anyhow!(
                         "assign kept racing with concurrent changes after {MAX_ATTEMPTS} attempts"
@@ -226,6 +248,7 @@ impl Store {
         organization: &OrganizationId,
         handle: &AgentHandle,
         kind: ChannelKind,
+        deadline: Instant,
     ) -> Result<(), ServiceError> {
         let statement = match kind {
             ChannelKind::Mailbox => UNASSIGN_MAILBOX,
@@ -236,6 +259,7 @@ impl Store {
             let result = sqlx::query_scalar::<_, bool>(statement)
                 .bind(organization.as_str())
                 .bind(handle.as_str())
+                .bind(remaining_seconds(deadline))
                 .fetch_one(&self.pool)
                 .await;
             match result {
@@ -250,7 +274,7 @@ impl Store {
 }
 
 enum AssignOutcome {
-    Linked(IdentityRecord),
+    Linked(Box<IdentityRecord>),
     /// The identity changed between the statement's snapshot and its update
     /// (deleted, or linked by a concurrent request): the snapshot cannot say
     /// what happened, a fresh attempt can.
@@ -273,6 +297,13 @@ fn assign_error(error: sqlx::Error, kind: ChannelKind, channel: ChannelId) -> Se
         }
     }
     ServiceError::from_database(error)
+}
+
+/// The time a statement has left, as its `make_interval(secs => …)` argument.
+fn remaining_seconds(deadline: Instant) -> f64 {
+    deadline
+        .saturating_duration_since(Instant::now())
+        .as_secs_f64()
 }
 
 fn is_transient_conflict(error: &sqlx::Error) -> bool {
@@ -310,7 +341,7 @@ impl AssignRow {
         if self.linked_channel_id != Some(channel.as_uuid()) {
             return Ok(AssignOutcome::Raced);
         }
-        Ok(AssignOutcome::Linked(identity))
+        Ok(AssignOutcome::Linked(Box::new(identity)))
     }
 }
 

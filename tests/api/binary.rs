@@ -1,0 +1,172 @@
+//! The real binary, as operators run it: commands, refusal to start, SIGTERM.
+
+use std::{process::Stdio, time::Duration};
+
+use sqlx::PgPool;
+use tokio::{
+    io::{AsyncBufReadExt as _, BufReader},
+    process::{Child, Command},
+};
+use tokio_stream::StreamExt as _;
+use tonic::transport::Channel;
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
+
+use crate::helpers::*;
+
+const BINARY: &str = env!("CARGO_BIN_EXE_channel-assignment");
+
+/// The binary with a clean environment: only what the test sets.
+fn command(pool: &PgPool) -> Command {
+    let options = pool.connect_options();
+    let url = format!(
+        "postgres://{}@{}:{}/{}",
+        options.get_username(),
+        options.get_host(),
+        options.get_port(),
+        options.get_database().unwrap_or("postgres"),
+    );
+    let mut command = Command::new(BINARY);
+    command
+        .env_clear()
+        .env("DATABASE_URL", url)
+        .env("GRPC_LISTEN_ADDR", "127.0.0.1:0")
+        .env("LOG_FORMAT", "json")
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    command
+}
+
+#[sqlx::test]
+async fn serve_refuses_to_start_without_a_way_to_authenticate(pool: PgPool) {
+    let output = command(&pool).arg("serve").output().await.expect("runs");
+
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "one line: {stderr}");
+    assert!(
+        lines[0].contains("no way to authenticate callers"),
+        "{stderr}"
+    );
+}
+
+#[sqlx::test(migrations = false)]
+async fn migrate_creates_the_schema_and_is_idempotent(pool: PgPool) {
+    for _ in 0..2 {
+        let output = command(&pool).arg("migrate").output().await.expect("runs");
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+
+    let tables: Vec<String> = sqlx::query_scalar(
+        "SELECT table_name::text FROM information_schema.tables
+         WHERE table_schema = 'public' AND table_name IN ('identities', 'mailboxes', 'phone_numbers')
+         ORDER BY 1",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(tables, ["identities", "mailboxes", "phone_numbers"]);
+}
+
+/// Starts `serve` and returns it with the address it logged.
+async fn serve(pool: &PgPool) -> (Child, String) {
+    let mut child = command(pool)
+        .arg("serve")
+        .env("AUTH_JWT_HS256_SECRET", SECRET)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starts");
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let address = tokio::time::timeout(Duration::from_secs(20), async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            let Ok(entry) = serde_json::from_str::<serde_json::Value>(&line) else {
+                panic!("a log line that is not JSON: {line}");
+            };
+            if entry["message"] == "serving gRPC" {
+                return entry["address"].as_str().unwrap().to_owned();
+            }
+        }
+        panic!("exited before serving");
+    })
+    .await
+    .expect("serves in time");
+    // Keep draining the logs so that the child never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    (child, address)
+}
+
+#[sqlx::test]
+async fn sigterm_drains_in_flight_rpcs_and_exits_zero(pool: PgPool) {
+    insert_identity(&pool, ORG, "sales-agent").await;
+    let mailbox = insert_mailbox(&pool, ORG).await.to_string();
+    let (mut child, address) = serve(&pool).await;
+    let channel = Channel::from_shared(format!("http://{address}"))
+        .unwrap()
+        .connect()
+        .await
+        .expect("connects");
+    let mut health = HealthClient::new(channel.clone())
+        .watch(HealthCheckRequest {
+            service: "readiness".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    while health.next().await.unwrap().unwrap().status() != ServingStatus::Serving {}
+    drop(health);
+
+    let mut lock = pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM identities WHERE agent_handle = 'sales-agent' FOR UPDATE")
+        .execute(&mut *lock)
+        .await
+        .unwrap();
+    let mut client =
+        channel_assignment::proto::channel_assignment_client::ChannelAssignmentClient::new(channel);
+    let in_flight = tokio::spawn(async move {
+        client
+            .assign_mailbox(authorized(
+                channel_assignment::proto::AssignMailboxRequest {
+                    agent_handle: "sales-agent".into(),
+                    mailbox_id: mailbox,
+                },
+                ORG,
+            ))
+            .await
+    });
+    let someone_waits = "SELECT EXISTS (SELECT 1 FROM pg_stat_activity
+        WHERE datname = current_database() AND wait_event_type = 'Lock')";
+    while !sqlx::query_scalar::<_, bool>(someone_waits)
+        .fetch_one(&pool)
+        .await
+        .unwrap()
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let pid = child.id().expect("running").to_string();
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    lock.rollback().await.unwrap();
+
+    let identity = in_flight
+        .await
+        .unwrap()
+        .expect("the in-flight RPC completes");
+    assert!(identity.into_inner().mailbox.is_some());
+    let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
+        .await
+        .expect("exits within the drain timeout")
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+}

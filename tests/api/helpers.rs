@@ -1,0 +1,455 @@
+//! Starts the real server on an ephemeral port against the test's own
+//! database, and talks to it with the generated tonic clients.
+
+use std::{path::PathBuf, time::Duration};
+
+use channel_assignment::{
+    config::{AuthSettings, ServeSettings},
+    proto::{self, Identity, channel_assignment_client::ChannelAssignmentClient},
+    startup::Application,
+};
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use sqlx::PgPool;
+use tokio::{sync::oneshot, task::JoinHandle};
+use tonic::{Code, Request, Status, transport::Channel};
+use tonic_types::StatusExt as _;
+use uuid::Uuid;
+
+pub const SECRET: &str = "integration-test-secret-0123456789";
+pub const ORG: &str = "org_alpha";
+pub const OTHER_ORG: &str = "org_beta";
+
+pub struct TestApp {
+    pub channel: Channel,
+    pub client: ChannelAssignmentClient<Channel>,
+    shutdown: Option<oneshot::Sender<()>>,
+    server: JoinHandle<anyhow::Result<()>>,
+}
+
+/// The server with HS256 authentication, over the test's database.
+pub async fn spawn_app(pool: &PgPool) -> TestApp {
+    spawn_app_with(pool, AuthSettings::hs256(SECRET)).await
+}
+
+pub async fn spawn_app_with(pool: &PgPool, auth: AuthSettings) -> TestApp {
+    spawn_app_with_settings(pool.clone(), test_settings(auth)).await
+}
+
+/// Settings as in production, but on an ephemeral loopback port and with a
+/// fast health check.
+pub fn test_settings(auth: AuthSettings) -> ServeSettings {
+    let mut settings = ServeSettings::with_defaults(auth);
+    settings.health_check_interval = Duration::from_millis(100);
+    settings
+}
+
+pub async fn spawn_app_with_settings(pool: PgPool, settings: ServeSettings) -> TestApp {
+    let application = Application::build(settings, pool)
+        .await
+        .expect("the application builds");
+    let address = application.local_addr();
+    let (shutdown, shutdown_rx) = oneshot::channel::<()>();
+    // Only `stop` shuts the server down: dropping a TestApp must not close
+    // the pool it shares with the test.
+    let server = tokio::spawn(application.run(async {
+        if shutdown_rx.await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }));
+    let channel = Channel::from_shared(format!("http://{address}"))
+        .expect("a valid uri")
+        .connect()
+        .await
+        .expect("the server accepts connections once bound");
+    TestApp {
+        client: ChannelAssignmentClient::new(channel.clone()),
+        channel,
+        shutdown: Some(shutdown),
+        server,
+    }
+}
+
+impl TestApp {
+    /// Stops the server as SIGTERM would and waits until it has drained.
+    pub async fn stop(mut self) {
+        if let Some(shutdown) = self.shutdown.take() {
+            let _ = shutdown.send(());
+        }
+        (&mut self.server)
+            .await
+            .expect("the server task does not panic")
+            .expect("the server stops cleanly");
+    }
+
+    pub async fn assign_mailbox(
+        &self,
+        org: &str,
+        handle: &str,
+        mailbox_id: &str,
+    ) -> Result<Identity, Status> {
+        let message = proto::AssignMailboxRequest {
+            agent_handle: handle.to_owned(),
+            mailbox_id: mailbox_id.to_owned(),
+        };
+        self.client
+            .clone()
+            .assign_mailbox(authorized(message, org))
+            .await
+            .map(tonic::Response::into_inner)
+    }
+
+    pub async fn unassign_mailbox(&self, org: &str, handle: &str) -> Result<(), Status> {
+        let message = proto::UnassignMailboxRequest {
+            agent_handle: handle.to_owned(),
+        };
+        self.client
+            .clone()
+            .unassign_mailbox(authorized(message, org))
+            .await
+            .map(tonic::Response::into_inner)
+    }
+
+    pub async fn assign_phone_number(
+        &self,
+        org: &str,
+        handle: &str,
+        phone_number_id: &str,
+    ) -> Result<Identity, Status> {
+        let message = proto::AssignPhoneNumberRequest {
+            agent_handle: handle.to_owned(),
+            phone_number_id: phone_number_id.to_owned(),
+        };
+        self.client
+            .clone()
+            .assign_phone_number(authorized(message, org))
+            .await
+            .map(tonic::Response::into_inner)
+    }
+
+    pub async fn unassign_phone_number(&self, org: &str, handle: &str) -> Result<(), Status> {
+        let message = proto::UnassignPhoneNumberRequest {
+            agent_handle: handle.to_owned(),
+        };
+        self.client
+            .clone()
+            .unassign_phone_number(authorized(message, org))
+            .await
+            .map(tonic::Response::into_inner)
+    }
+}
+
+/// The kinds of channel, so that each scenario runs for both.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Mailbox,
+    PhoneNumber,
+}
+
+impl Kind {
+    pub async fn insert(self, pool: &PgPool, org: &str) -> Uuid {
+        match self {
+            Kind::Mailbox => insert_mailbox(pool, org).await,
+            Kind::PhoneNumber => insert_phone_number(pool, org).await,
+        }
+    }
+
+    pub async fn assign(
+        self,
+        app: &TestApp,
+        org: &str,
+        handle: &str,
+        id: &str,
+    ) -> Result<Identity, Status> {
+        match self {
+            Kind::Mailbox => app.assign_mailbox(org, handle, id).await,
+            Kind::PhoneNumber => app.assign_phone_number(org, handle, id).await,
+        }
+    }
+
+    pub async fn unassign(self, app: &TestApp, org: &str, handle: &str) -> Result<(), Status> {
+        match self {
+            Kind::Mailbox => app.unassign_mailbox(org, handle).await,
+            Kind::PhoneNumber => app.unassign_phone_number(org, handle).await,
+        }
+    }
+
+    /// The id of the channel of this kind in an identity detail.
+    pub fn linked_in(self, identity: &Identity) -> Option<String> {
+        match self {
+            Kind::Mailbox => identity.mailbox.as_ref().map(|m| m.id.clone()),
+            Kind::PhoneNumber => identity.phone_number.as_ref().map(|p| p.id.clone()),
+        }
+    }
+
+    /// The id of the channel of this kind linked to `handle`, read from the database.
+    pub async fn linked_to(self, pool: &PgPool, org: &str, handle: &str) -> Option<Uuid> {
+        let sql = match self {
+            Kind::Mailbox => {
+                "SELECT mailbox_id FROM identities WHERE organization_id = $1 AND agent_handle = $2"
+            }
+            Kind::PhoneNumber => {
+                "SELECT phone_number_id FROM identities WHERE organization_id = $1 AND agent_handle = $2"
+            }
+        };
+        sqlx::query_scalar(sql)
+            .bind(org)
+            .bind(handle)
+            .fetch_one(pool)
+            .await
+            .expect("the identity exists")
+    }
+
+    /// How many identities hold channel `id`.
+    pub async fn holders(self, pool: &PgPool, id: Uuid) -> i64 {
+        let sql = match self {
+            Kind::Mailbox => "SELECT count(*) FROM identities WHERE mailbox_id = $1",
+            Kind::PhoneNumber => "SELECT count(*) FROM identities WHERE phone_number_id = $1",
+        };
+        sqlx::query_scalar(sql)
+            .bind(id)
+            .fetch_one(pool)
+            .await
+            .expect("count")
+    }
+
+    pub async fn set_status(self, pool: &PgPool, id: Uuid, status: &str) {
+        let sql = match self {
+            Kind::Mailbox => "UPDATE mailboxes SET status = $2 WHERE id = $1",
+            Kind::PhoneNumber => "UPDATE phone_numbers SET status = $2 WHERE id = $1",
+        };
+        sqlx::query(sql)
+            .bind(id)
+            .bind(status)
+            .execute(pool)
+            .await
+            .expect("status set");
+    }
+
+    /// The status that means "gone" for this kind.
+    pub fn gone_status(self) -> &'static str {
+        match self {
+            Kind::Mailbox => "deleted",
+            Kind::PhoneNumber => "released",
+        }
+    }
+
+    pub fn id_field(self) -> &'static str {
+        match self {
+            Kind::Mailbox => "mailbox_id",
+            Kind::PhoneNumber => "phone_number_id",
+        }
+    }
+
+    pub fn not_found_reason(self) -> &'static str {
+        match self {
+            Kind::Mailbox => "MAILBOX_NOT_FOUND",
+            Kind::PhoneNumber => "PHONE_NUMBER_NOT_FOUND",
+        }
+    }
+
+    pub fn already_assigned_reason(self) -> &'static str {
+        match self {
+            Kind::Mailbox => "MAILBOX_ALREADY_ASSIGNED",
+            Kind::PhoneNumber => "PHONE_NUMBER_ALREADY_ASSIGNED",
+        }
+    }
+}
+
+/// Runs a scenario `async fn name(kind: Kind, pool: PgPool)` once per kind,
+/// each on its own database.
+#[macro_export]
+macro_rules! for_each_kind {
+    ($($scenario:ident),+ $(,)?) => {
+        $(
+            mod $scenario {
+                #[sqlx::test]
+                async fn mailbox(pool: sqlx::PgPool) {
+                    super::$scenario($crate::helpers::Kind::Mailbox, pool).await
+                }
+
+                #[sqlx::test]
+                async fn phone_number(pool: sqlx::PgPool) {
+                    super::$scenario($crate::helpers::Kind::PhoneNumber, pool).await
+                }
+            }
+        )+
+    };
+}
+
+pub fn authorized<T>(message: T, org: &str) -> Request<T> {
+    with_bearer(message, &hs256_token(org))
+}
+
+pub fn with_bearer<T>(message: T, token: &str) -> Request<T> {
+    let mut request = Request::new(message);
+    request.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {token}").parse().expect("ascii metadata"),
+    );
+    request
+}
+
+pub fn now() -> i64 {
+    chrono::Utc::now().timestamp()
+}
+
+/// A token as the identity provider issues it: `org_id`, valid for an hour.
+pub fn hs256_token(org: &str) -> String {
+    sign_hs256(
+        &serde_json::json!({ "org_id": org, "exp": now() + 3600 }),
+        SECRET,
+    )
+}
+
+pub fn sign_hs256(claims: &serde_json::Value, secret: &str) -> String {
+    jsonwebtoken::encode(
+        &Header::new(Algorithm::HS256),
+        claims,
+        &EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .expect("token signs")
+}
+
+pub fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+pub fn sign_with_pem(
+    algorithm: Algorithm,
+    private_key_file: &str,
+    claims: &serde_json::Value,
+) -> String {
+    let pem = std::fs::read(fixture(private_key_file)).expect("fixture key");
+    let key = match algorithm {
+        Algorithm::EdDSA => EncodingKey::from_ed_pem(&pem),
+        Algorithm::ES256 | Algorithm::ES384 => EncodingKey::from_ec_pem(&pem),
+        _ => EncodingKey::from_rsa_pem(&pem),
+    }
+    .expect("fixture key parses");
+    jsonwebtoken::encode(&Header::new(algorithm), claims, &key).expect("token signs")
+}
+
+pub async fn insert_identity(pool: &PgPool, org: &str, handle: &str) -> Uuid {
+    sqlx::query_scalar(
+        "INSERT INTO identities (organization_id, agent_handle, display_name)
+         VALUES ($1, $2, 'Test ' || $2) RETURNING id",
+    )
+    .bind(org)
+    .bind(handle)
+    .fetch_one(pool)
+    .await
+    .expect("identity inserted")
+}
+
+pub async fn insert_mailbox(pool: &PgPool, org: &str) -> Uuid {
+    let id = Uuid::new_v4();
+    sqlx::query(
+        "INSERT INTO mailboxes (organization_id, id, email_address, display_name)
+         VALUES ($1, $2, $3, 'Inbox')",
+    )
+    .bind(org)
+    .bind(id)
+    .bind(format!("{}@agents.example", id.simple()))
+    .execute(pool)
+    .await
+    .expect("mailbox inserted");
+    id
+}
+
+pub async fn insert_phone_number(pool: &PgPool, org: &str) -> Uuid {
+    let id = Uuid::new_v4();
+    let digits = id.as_u128() % 10_000_000;
+    sqlx::query("INSERT INTO phone_numbers (organization_id, id, number) VALUES ($1, $2, $3)")
+        .bind(org)
+        .bind(id)
+        .bind(format!("+1415{digits:07}"))
+        .execute(pool)
+        .await
+        .expect("phone number inserted");
+    id
+}
+
+pub async fn set_identity_status(pool: &PgPool, org: &str, handle: &str, status: &str) {
+    sqlx::query(
+        "UPDATE identities SET status = $3 WHERE organization_id = $1 AND agent_handle = $2",
+    )
+    .bind(org)
+    .bind(handle)
+    .bind(status)
+    .execute(pool)
+    .await
+    .expect("status set");
+}
+
+/// Every row of every table, to show that a failed request changed nothing.
+pub async fn snapshot(pool: &PgPool) -> String {
+    sqlx::query_scalar(
+        "SELECT json_build_object(
+            'identities', (SELECT coalesce(json_agg(t ORDER BY t.organization_id, t.id), '[]') FROM identities t),
+            'mailboxes', (SELECT coalesce(json_agg(t ORDER BY t.organization_id, t.id), '[]') FROM mailboxes t),
+            'phone_numbers', (SELECT coalesce(json_agg(t ORDER BY t.organization_id, t.id), '[]') FROM phone_numbers t)
+        )::text",
+    )
+    .fetch_one(pool)
+    .await
+    .expect("snapshot")
+}
+
+/// Checks the code, the `ErrorInfo` (reason, domain, HTTP status of the REST
+/// origin) and that the message leaks nothing internal.
+pub fn assert_error(
+    result: Result<impl std::fmt::Debug, Status>,
+    code: Code,
+    reason: &str,
+) -> Status {
+    let status = result.expect_err("the request fails");
+    assert_eq!(status.code(), code, "code of {status:?}");
+    let info = status
+        .get_details_error_info()
+        .unwrap_or_else(|| panic!("ErrorInfo in {status:?}"));
+    assert_eq!(info.reason, reason, "reason of {status:?}");
+    assert_eq!(info.domain, "channel-assignment");
+    let http_status = match code {
+        Code::Unauthenticated => "401",
+        Code::PermissionDenied => "403",
+        Code::NotFound => "404",
+        Code::AlreadyExists => "409",
+        Code::InvalidArgument => "422",
+        Code::Unavailable => "503",
+        Code::DeadlineExceeded => "504",
+        _ => "500",
+    };
+    assert_eq!(
+        info.metadata.get("http_status").map(String::as_str),
+        Some(http_status)
+    );
+    let message = status.message().to_lowercase();
+    for leak in [
+        "select",
+        "insert",
+        "update ",
+        "constraint",
+        "sqlx",
+        "postgres",
+        "panicked",
+    ] {
+        assert!(!message.contains(leak), "message leaks {leak:?}: {message}");
+    }
+    status
+}
+
+/// The field violations of an INVALID_ARGUMENT error, as (field, description).
+pub fn field_violations(status: &Status) -> Vec<String> {
+    status
+        .get_details_bad_request()
+        .map(|bad_request| {
+            bad_request
+                .field_violations
+                .into_iter()
+                .map(|violation| violation.field)
+                .collect()
+        })
+        .unwrap_or_default()
+}

@@ -1,0 +1,10 @@
+//! Integration tests: the real server on a real socket, a real PostgreSQL
+//! database per test, and the generated tonic clients.
+
+mod assign;
+mod auth;
+mod binary;
+mod concurrency;
+mod helpers;
+mod operations;
+mod unassign;
