@@ -21,6 +21,9 @@ pub const TRUSTED_ORGANIZATION_HEADER: &str = "x-organization-id";
 /// UNAUTHENTICATED rather than an HTTP 431.
 pub const MAX_TOKEN_LEN: usize = 8 * 1024;
 
+/// RFC 7518 §3.2: an HS256 key of at least the hash's size, 256 bits.
+const RECOMMENDED_SECRET_LEN: usize = 32;
+
 /// A verifier for one key: the algorithms it accepts and the claims it checks.
 struct Verifier {
     key: DecodingKey,
@@ -47,13 +50,22 @@ impl Authenticator {
     pub fn from_settings(settings: &AuthSettings) -> anyhow::Result<Self> {
         let hs256 = match settings.hs256_secret.as_deref() {
             None => None,
-            Some(secret) if secret.len() < 16 => {
-                anyhow::bail!("AUTH_JWT_HS256_SECRET must be at least 16 bytes long")
+            Some("") => anyhow::bail!("AUTH_JWT_HS256_SECRET is empty"),
+            Some(secret) => {
+                if secret.len() < RECOMMENDED_SECRET_LEN {
+                    // Refusing would break deployments that share an existing
+                    // secret with their identity provider; say it loudly.
+                    tracing::warn!(
+                        length = secret.len(),
+                        "AUTH_JWT_HS256_SECRET is shorter than {RECOMMENDED_SECRET_LEN} bytes, \
+                         which RFC 7518 asks of an HS256 key"
+                    );
+                }
+                Some(Verifier {
+                    key: DecodingKey::from_secret(secret.as_bytes()),
+                    validation: validation(&[Algorithm::HS256], settings),
+                })
             }
-            Some(secret) => Some(Verifier {
-                key: DecodingKey::from_secret(secret.as_bytes()),
-                validation: validation(&[Algorithm::HS256], settings),
-            }),
         };
         let public_key = settings
             .public_key_file

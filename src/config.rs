@@ -1,6 +1,6 @@
 //! Settings from flags, each with an environment variable as fallback.
 
-use std::{net::SocketAddr, path::PathBuf, time::Duration};
+use std::{path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
@@ -64,9 +64,10 @@ pub struct ServeSettings {
     #[command(flatten)]
     pub auth: AuthSettings,
 
-    /// Address the gRPC server listens on.
-    #[arg(long, env = "GRPC_LISTEN_ADDR", default_value = "0.0.0.0:50051")]
-    pub grpc_listen_addr: SocketAddr,
+    /// Address the gRPC server listens on: host:port, [v6]:port, or :port
+    /// for all IPv4 interfaces.
+    #[arg(long, env = "GRPC_LISTEN_ADDR", default_value = "0.0.0.0:50051", value_parser = parse_listen_address)]
+    pub grpc_listen_addr: String,
 
     /// Longest time one RPC may take, database work included; a shorter
     /// client deadline (grpc-timeout) wins. Past it: DEADLINE_EXCEEDED.
@@ -115,7 +116,7 @@ pub struct AuthSettings {
     /// Accept the caller's organization from the x-organization-id header
     /// without a token. Only behind a gateway or mesh that authenticated the
     /// caller and sets that header itself.
-    #[arg(long = "auth-trusted-header", env = "AUTH_TRUSTED_HEADER", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    #[arg(long = "auth-trusted-header", env = "AUTH_TRUSTED_HEADER", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true", value_parser = clap::builder::BoolishValueParser::new())]
     pub trusted_header: bool,
 }
 
@@ -153,7 +154,7 @@ impl ServeSettings {
                 database_acquire_timeout: Duration::from_secs(2),
             },
             auth,
-            grpc_listen_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            grpc_listen_addr: "127.0.0.1:0".to_owned(),
             request_timeout: Duration::from_secs(5),
             health_check_interval: Duration::from_secs(2),
             shutdown_drain_timeout: Duration::from_secs(20),
@@ -170,6 +171,55 @@ impl AuthSettings {
             audience: None,
             leeway_seconds: 5,
             trusted_header: false,
+        }
+    }
+}
+
+/// Accepts what `TcpListener::bind` resolves (`host:port`, `[::]:port`,
+/// `localhost:port`) plus the common `:port` shorthand.
+fn parse_listen_address(raw: &str) -> Result<String, String> {
+    let address = match raw.strip_prefix(':') {
+        Some(port) => format!("0.0.0.0:{port}"),
+        None => raw.to_owned(),
+    };
+    let port = address
+        .rsplit_once(':')
+        .map(|(_, port)| port)
+        .ok_or_else(|| format!("{raw:?} has no port: use host:port"))?;
+    port.parse::<u16>()
+        .map_err(|_| format!("{raw:?} has no valid port: use host:port"))?;
+    Ok(address)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listen_addresses() {
+        assert_eq!(parse_listen_address(":50051").unwrap(), "0.0.0.0:50051");
+        assert_eq!(parse_listen_address("[::]:50051").unwrap(), "[::]:50051");
+        assert_eq!(parse_listen_address("localhost:1").unwrap(), "localhost:1");
+        assert!(parse_listen_address("localhost").is_err());
+        assert!(parse_listen_address("0.0.0.0:http").is_err());
+    }
+
+    #[test]
+    fn trusted_header_accepts_the_usual_spellings() {
+        for (raw, expected) in [
+            ("true", true),
+            ("1", true),
+            ("yes", true),
+            ("false", false),
+            ("0", false),
+        ] {
+            let cli =
+                Cli::try_parse_from(["channel-assignment", "serve", "--auth-trusted-header", raw])
+                    .unwrap();
+            let Command::Serve(settings) = cli.command else {
+                panic!("serve")
+            };
+            assert_eq!(settings.auth.trusted_header, expected, "{raw}");
         }
     }
 }

@@ -59,6 +59,7 @@ pub fn lazy_pool(settings: &DatabaseSettings, options: PgConnectOptions) -> PgPo
 
 pub struct Application {
     listener: TcpListener,
+    local_addr: SocketAddr,
     settings: ServeSettings,
     authenticator: Arc<Authenticator>,
     store: Store,
@@ -68,11 +69,13 @@ impl Application {
     /// Checks the settings and binds the listener; serving starts with `run`.
     pub async fn build(settings: ServeSettings, pool: PgPool) -> anyhow::Result<Self> {
         let authenticator = Arc::new(Authenticator::from_settings(&settings.auth)?);
-        let listener = TcpListener::bind(settings.grpc_listen_addr)
+        let listener = TcpListener::bind(settings.grpc_listen_addr.as_str())
             .await
             .with_context(|| format!("cannot listen on {}", settings.grpc_listen_addr))?;
+        let local_addr = listener.local_addr()?;
         Ok(Self {
             listener,
+            local_addr,
             settings,
             authenticator,
             store: Store::new(pool),
@@ -80,9 +83,7 @@ impl Application {
     }
 
     pub fn local_addr(&self) -> SocketAddr {
-        self.listener
-            .local_addr()
-            .unwrap_or(self.settings.grpc_listen_addr)
+        self.local_addr
     }
 
     /// Serves until `shutdown` completes, then reports NOT_SERVING, lets
@@ -90,6 +91,7 @@ impl Application {
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
         let Self {
             listener,
+            local_addr,
             settings,
             authenticator,
             store,
@@ -129,7 +131,6 @@ impl Application {
         );
         let service = tower::Layer::layer(&RpcLogLayer, service);
 
-        let local_addr = listener.local_addr()?;
         let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
         let (drain_started, mut drain_started_rx) = watch::channel(false);
         let reporter = health_reporter.clone();

@@ -329,6 +329,7 @@ async fn asymmetric_tokens_are_verified_with_the_public_key(pool: PgPool) {
         (Algorithm::ES256, "es256-private.pem", "es256-public.pem"),
         (Algorithm::RS256, "rsa-private.pem", "rsa-public.pem"),
         (Algorithm::PS256, "rsa-private.pem", "rsa-public.pem"),
+        (Algorithm::RS256, "rsa-private.pem", "rsa-public-pkcs1.pem"),
     ] {
         let app = spawn_app_with(&pool, public_key_auth(public_key)).await;
         let token = sign_with_pem(algorithm, private_key, &claims);
@@ -402,9 +403,9 @@ async fn the_server_refuses_to_start_without_a_way_to_authenticate(pool: PgPool)
         "{error}"
     );
 
-    let short_secret = AuthSettings::hs256("short");
+    let empty_secret = AuthSettings::hs256("");
     assert!(
-        Application::build(test_settings(short_secret), pool.clone())
+        Application::build(test_settings(empty_secret), pool.clone())
             .await
             .is_err()
     );
@@ -415,4 +416,16 @@ async fn the_server_refuses_to_start_without_a_way_to_authenticate(pool: PgPool)
             .await
             .is_err()
     );
+}
+
+#[sqlx::test]
+async fn a_short_shared_secret_is_accepted_with_a_warning(pool: PgPool) {
+    let app = spawn_app_with(&pool, AuthSettings::hs256("secret")).await;
+    let mailbox = seed(&pool).await;
+    let token = sign_hs256(&json!({ "org_id": ORG, "exp": now() + 3600 }), "secret");
+
+    let identity = assign_with(&app, with_bearer(request(&mailbox), &token))
+        .await
+        .expect("accepted");
+    assert_eq!(identity.organization_id, ORG);
 }
