@@ -6,6 +6,7 @@ use sqlx::PgPool;
 use tokio::{
     io::{AsyncBufReadExt as _, BufReader},
     process::{Child, Command},
+    sync::mpsc,
 };
 use tokio_stream::StreamExt as _;
 use tonic::transport::Channel;
@@ -16,6 +17,7 @@ use tonic_health::pb::{
 use crate::helpers::*;
 
 const BINARY: &str = env!("CARGO_BIN_EXE_channel-assignment");
+const SHUTTING_DOWN: &str = "shutting down: reporting NOT_SERVING and draining in-flight rpcs";
 
 /// The binary with a clean environment: only what the test sets.
 fn command(pool: &PgPool) -> Command {
@@ -74,8 +76,9 @@ async fn migrate_creates_the_schema_and_is_idempotent(pool: PgPool) {
     assert_eq!(tables, ["identities", "mailboxes", "phone_numbers"]);
 }
 
-/// Starts `serve` and returns it with the address it logged.
-async fn serve(pool: &PgPool) -> (Child, String) {
+/// Starts `serve` and returns it with the address it logged and its later
+/// log messages.
+async fn serve(pool: &PgPool) -> (Child, String, mpsc::UnboundedReceiver<String>) {
     let mut child = command(pool)
         .arg("serve")
         .env("AUTH_JWT_HS256_SECRET", SECRET)
@@ -98,15 +101,22 @@ async fn serve(pool: &PgPool) -> (Child, String) {
     .await
     .expect("serves in time");
     // Keep draining the logs so that the child never blocks on a full pipe.
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    (child, address)
+    let (messages, received) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok(Some(line)) = lines.next_line().await {
+            if let Ok(entry) = serde_json::from_str::<serde_json::Value>(&line) {
+                let _ = messages.send(entry["message"].as_str().unwrap_or_default().to_owned());
+            }
+        }
+    });
+    (child, address, received)
 }
 
 #[sqlx::test]
 async fn sigterm_drains_in_flight_rpcs_and_exits_zero(pool: PgPool) {
     insert_identity(&pool, ORG, "sales-agent").await;
     let mailbox = insert_mailbox(&pool, ORG).await.to_string();
-    let (mut child, address) = serve(&pool).await;
+    let (mut child, address, mut log) = serve(&pool).await;
     let channel = Channel::from_shared(format!("http://{address}"))
         .unwrap()
         .connect()
@@ -122,33 +132,9 @@ async fn sigterm_drains_in_flight_rpcs_and_exits_zero(pool: PgPool) {
     while health.next().await.unwrap().unwrap().status() != ServingStatus::Serving {}
     drop(health);
 
-    let mut lock = pool.begin().await.unwrap();
-    sqlx::query("SELECT 1 FROM identities WHERE agent_handle = 'sales-agent' FOR UPDATE")
-        .execute(&mut *lock)
-        .await
-        .unwrap();
-    let mut client =
-        channel_assignment::proto::channel_assignment_client::ChannelAssignmentClient::new(channel);
-    let in_flight = tokio::spawn(async move {
-        client
-            .assign_mailbox(authorized(
-                channel_assignment::proto::AssignMailboxRequest {
-                    agent_handle: "sales-agent".into(),
-                    mailbox_id: mailbox,
-                },
-                ORG,
-            ))
-            .await
-    });
-    let someone_waits = "SELECT EXISTS (SELECT 1 FROM pg_stat_activity
-        WHERE datname = current_database() AND wait_event_type = 'Lock')";
-    while !sqlx::query_scalar::<_, bool>(someone_waits)
-        .fetch_one(&pool)
-        .await
-        .unwrap()
-    {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let lock = lock_identity(&pool, "sales-agent").await;
+    let in_flight = spawn_assign_mailbox(channel, "sales-agent", mailbox);
+    wait_until_blocked(&pool).await;
 
     let pid = child.id().expect("running").to_string();
     let killed = std::process::Command::new("kill")
@@ -156,7 +142,8 @@ async fn sigterm_drains_in_flight_rpcs_and_exits_zero(pool: PgPool) {
         .status()
         .unwrap();
     assert!(killed.success());
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Only once the drain has begun is the RPC "in flight during shutdown".
+    while log.recv().await.expect("logs until exit") != SHUTTING_DOWN {}
     lock.rollback().await.unwrap();
 
     let identity = in_flight

@@ -453,3 +453,61 @@ pub fn field_violations(status: &Status) -> Vec<String> {
         })
         .unwrap_or_default()
 }
+
+/// Holds the identity's row lock, so that a request for it has to wait.
+pub async fn lock_identity(
+    pool: &PgPool,
+    handle: &str,
+) -> sqlx::Transaction<'static, sqlx::Postgres> {
+    let mut lock = pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM identities WHERE agent_handle = $1 FOR UPDATE")
+        .bind(handle)
+        .execute(&mut *lock)
+        .await
+        .unwrap();
+    lock
+}
+
+/// Sends AssignMailbox for `handle` of ORG in the background, as a second
+/// client would.
+pub fn spawn_assign_mailbox(
+    channel: Channel,
+    handle: &str,
+    mailbox: String,
+) -> JoinHandle<Result<tonic::Response<Identity>, Status>> {
+    let message = proto::AssignMailboxRequest {
+        agent_handle: handle.to_owned(),
+        mailbox_id: mailbox,
+    };
+    tokio::spawn(async move {
+        ChannelAssignmentClient::new(channel)
+            .assign_mailbox(authorized(message, ORG))
+            .await
+    })
+}
+
+/// Waits until a statement of the service waits on a lock.
+pub async fn wait_until_blocked(pool: &PgPool) {
+    let someone_waits = "SELECT EXISTS (SELECT 1 FROM pg_stat_activity
+        WHERE datname = current_database() AND pid <> pg_backend_pid() AND wait_event_type = 'Lock')";
+    poll_until(pool, someone_waits, true).await;
+}
+
+/// Waits until no other session of this database runs a statement.
+pub async fn wait_until_quiet(pool: &PgPool) {
+    let someone_works = "SELECT EXISTS (SELECT 1 FROM pg_stat_activity
+        WHERE datname = current_database() AND pid <> pg_backend_pid() AND state = 'active')";
+    poll_until(pool, someone_works, false).await;
+}
+
+/// Polls a yes/no query (every 25 ms, 10 s at most) until it answers `wanted`.
+async fn poll_until(pool: &PgPool, question: &'static str, wanted: bool) {
+    for _ in 0..400 {
+        let answer: bool = sqlx::query_scalar(question).fetch_one(pool).await.unwrap();
+        if answer == wanted {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("{question} never answered {wanted}");
+}

@@ -203,17 +203,6 @@ async fn reflection_v1_and_v1alpha_describe_the_service_without_a_token(pool: Pg
     }
 }
 
-/// Holds the identity's row lock, so that a request for it has to wait.
-async fn lock_identity(pool: &PgPool, handle: &str) -> sqlx::Transaction<'static, sqlx::Postgres> {
-    let mut lock = pool.begin().await.unwrap();
-    sqlx::query("SELECT 1 FROM identities WHERE agent_handle = $1 FOR UPDATE")
-        .bind(handle)
-        .execute(&mut *lock)
-        .await
-        .unwrap();
-    lock
-}
-
 #[sqlx::test]
 async fn a_client_deadline_bounds_the_database_work(pool: PgPool) {
     let app = spawn_app(&pool).await;
@@ -306,18 +295,7 @@ async fn shutdown_reports_not_serving_and_finishes_in_flight_rpcs(pool: PgPool) 
 
     // An RPC in flight when the shutdown starts: it waits on a row lock.
     let lock = lock_identity(&pool, "sales-agent").await;
-    let mut client = app.client.clone();
-    let in_flight = tokio::spawn(async move {
-        client
-            .assign_mailbox(authorized(
-                channel_assignment::proto::AssignMailboxRequest {
-                    agent_handle: "sales-agent".into(),
-                    mailbox_id: mailbox,
-                },
-                ORG,
-            ))
-            .await
-    });
+    let in_flight = spawn_assign_mailbox(app.channel.clone(), "sales-agent", mailbox);
     // The statement waits for the lock: the RPC is in flight for sure.
     wait_until_blocked(&pool).await;
 
@@ -335,30 +313,4 @@ async fn shutdown_reports_not_serving_and_finishes_in_flight_rpcs(pool: PgPool) 
     assert!(identity.into_inner().mailbox.is_some());
     drop(watch);
     stopped.await.expect("the server stops");
-}
-
-/// Waits until a statement of the service waits on a lock.
-async fn wait_until_blocked(pool: &PgPool) {
-    let someone_waits = "SELECT EXISTS (SELECT 1 FROM pg_stat_activity
-        WHERE datname = current_database() AND pid <> pg_backend_pid() AND wait_event_type = 'Lock')";
-    poll_until(pool, someone_waits, true).await;
-}
-
-/// Waits until no other session of this database runs a statement.
-async fn wait_until_quiet(pool: &PgPool) {
-    let someone_works = "SELECT EXISTS (SELECT 1 FROM pg_stat_activity
-        WHERE datname = current_database() AND pid <> pg_backend_pid() AND state = 'active')";
-    poll_until(pool, someone_works, false).await;
-}
-
-/// Polls a yes/no query (every 25 ms, 10 s at most) until it answers `wanted`.
-async fn poll_until(pool: &PgPool, question: &'static str, wanted: bool) {
-    for _ in 0..400 {
-        let answer: bool = sqlx::query_scalar(question).fetch_one(pool).await.unwrap();
-        if answer == wanted {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    panic!("{question} never answered {wanted}");
 }
