@@ -69,6 +69,35 @@ pub struct ServeSettings {
     #[arg(long, env = "GRPC_LISTEN_ADDR", default_value = "0.0.0.0:50051", value_parser = parse_listen_address)]
     pub grpc_listen_addr: String,
 
+    /// Address of the Prometheus metrics endpoint (plain HTTP, /metrics).
+    #[arg(long, env = "METRICS_LISTEN_ADDR", default_value = "0.0.0.0:9090", value_parser = parse_listen_address)]
+    pub metrics_listen_addr: String,
+
+    /// Most ChannelAssignment RPCs handled at once; more are refused at once
+    /// with RESOURCE_EXHAUSTED instead of queueing. Health is never shed.
+    #[arg(long, env = "MAX_CONCURRENT_REQUESTS", default_value_t = 256)]
+    pub max_concurrent_requests: usize,
+
+    /// HTTP/2 keepalive ping interval: finds dead peers behind load balancers
+    /// and NAT that drop idle connections silently.
+    #[arg(long, env = "GRPC_KEEPALIVE_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub keepalive_interval: Duration,
+
+    /// How long a connection lives before the server asks the client to
+    /// reconnect (GOAWAY), so that new pods get their share of long-lived
+    /// HTTP/2 connections.
+    #[arg(long, env = "GRPC_MAX_CONNECTION_AGE", default_value = "5m", value_parser = humantime::parse_duration)]
+    pub max_connection_age: Duration,
+
+    /// How long RPCs on an aged-out connection may still run.
+    #[arg(long, env = "GRPC_MAX_CONNECTION_AGE_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub max_connection_age_grace: Duration,
+
+    /// After SIGTERM, how long to keep serving while reporting NOT_SERVING,
+    /// so that load balancers stop sending new requests before the drain.
+    #[arg(long, env = "SHUTDOWN_DELAY", default_value = "0s", value_parser = humantime::parse_duration)]
+    pub shutdown_delay: Duration,
+
     /// Longest time one RPC may take, database work included; a shorter
     /// client deadline (grpc-timeout) wins. Past it: DEADLINE_EXCEEDED.
     #[arg(long, env = "REQUEST_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
@@ -145,7 +174,8 @@ pub struct TokenSettings {
 }
 
 impl ServeSettings {
-    /// Settings for tests and embedding: nothing configured but the defaults.
+    /// The defaults, but listening on ephemeral loopback ports: for tests and
+    /// embedding.
     pub fn with_defaults(auth: AuthSettings) -> Self {
         Self {
             database: DatabaseSettings {
@@ -155,6 +185,12 @@ impl ServeSettings {
             },
             auth,
             grpc_listen_addr: "127.0.0.1:0".to_owned(),
+            metrics_listen_addr: "127.0.0.1:0".to_owned(),
+            max_concurrent_requests: 256,
+            keepalive_interval: Duration::from_secs(30),
+            max_connection_age: Duration::from_secs(300),
+            max_connection_age_grace: Duration::from_secs(10),
+            shutdown_delay: Duration::ZERO,
             request_timeout: Duration::from_secs(5),
             health_check_interval: Duration::from_secs(2),
             shutdown_drain_timeout: Duration::from_secs(20),

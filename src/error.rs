@@ -10,6 +10,9 @@ use crate::domain::{AgentHandle, ChannelId, ChannelKind};
 /// `ErrorInfo.domain` of every error this service returns.
 pub const ERROR_DOMAIN: &str = "channel-assignment";
 
+/// What an overloaded server asks callers to wait before retrying.
+const OVERLOAD_RETRY_DELAY_MS: u64 = 250;
+
 /// One field of a request that is missing or malformed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FieldViolation {
@@ -34,6 +37,9 @@ pub enum ServiceError {
     ChannelAlreadyAssigned(ChannelKind, ChannelId),
     #[error("the request's deadline passed")]
     DeadlineExceeded,
+    /// More requests in flight than the server takes: shed at once.
+    #[error("too many requests in flight")]
+    Overloaded,
     #[error("the database is unavailable")]
     Unavailable(#[source] sqlx::Error),
     #[error("internal error")]
@@ -41,30 +47,18 @@ pub enum ServiceError {
 }
 
 impl ServiceError {
-    /// Classifies a database error that has no meaning for the operation.
+    /// Maps a database error that has no meaning for the operation.
     pub fn from_database(error: sqlx::Error) -> Self {
-        use sqlx::Error as E;
-        match &error {
-            E::PoolTimedOut | E::PoolClosed | E::Io(_) | E::Tls(_) | E::WorkerCrashed => {
+        match DatabaseErrorClass::of(&error) {
+            DatabaseErrorClass::Timeout => Self::DeadlineExceeded,
+            // A serialization failure or deadlock still there after retries
+            // is transient too: the caller may retry.
+            DatabaseErrorClass::Unavailable | DatabaseErrorClass::Conflict => {
                 Self::Unavailable(error)
             }
-            E::Database(db) => match db.code().as_deref() {
-                // statement_timeout or a cancel request
-                Some("57014") => Self::DeadlineExceeded,
-                // connection exceptions, server shutting down or starting,
-                // too many connections, serialization failures left after retries
-                Some(code)
-                    if code.starts_with("08")
-                        || code.starts_with("53")
-                        || code.starts_with("57P")
-                        || code == "40001"
-                        || code == "40P01" =>
-                {
-                    Self::Unavailable(error)
-                }
-                _ => Self::Internal(error.into()),
-            },
-            _ => Self::Internal(error.into()),
+            DatabaseErrorClass::Constraint | DatabaseErrorClass::Other => {
+                Self::Internal(error.into())
+            }
         }
     }
 
@@ -82,6 +76,7 @@ impl ServiceError {
                 "PHONE_NUMBER_ALREADY_ASSIGNED"
             }
             Self::DeadlineExceeded => "DEADLINE_EXCEEDED",
+            Self::Overloaded => "RESOURCE_EXHAUSTED",
             Self::Unavailable(_) => "UNAVAILABLE",
             Self::Internal(_) => "INTERNAL",
         }
@@ -95,6 +90,7 @@ impl ServiceError {
             Self::IdentityNotFound(_) | Self::ChannelNotFound(..) => (Code::NotFound, 404),
             Self::ChannelAlreadyAssigned(..) => (Code::AlreadyExists, 409),
             Self::DeadlineExceeded => (Code::DeadlineExceeded, 504),
+            Self::Overloaded => (Code::ResourceExhausted, 429),
             Self::Unavailable(_) => (Code::Unavailable, 503),
             Self::Internal(_) => (Code::Internal, 500),
         }
@@ -121,10 +117,63 @@ impl ServiceError {
                 )
             }
             Self::DeadlineExceeded => "the request's deadline passed".to_owned(),
+            Self::Overloaded => "the server is at capacity, retry shortly".to_owned(),
             Self::Unavailable(_) => {
                 "the service is temporarily unavailable, retry later".to_owned()
             }
             Self::Internal(_) => "internal error".to_owned(),
+        }
+    }
+}
+
+/// What went wrong with the database, as far as callers and operators care.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DatabaseErrorClass {
+    /// Not reachable, shutting down, out of connections or resources.
+    Unavailable,
+    /// `statement_timeout`, a cancel, or a passed request deadline.
+    Timeout,
+    /// A serialization failure or deadlock: retrying may succeed.
+    Conflict,
+    /// A constraint said no (unique, foreign key, check).
+    Constraint,
+    Other,
+}
+
+impl DatabaseErrorClass {
+    pub fn of(error: &sqlx::Error) -> Self {
+        use sqlx::Error as E;
+        match error {
+            E::PoolTimedOut | E::PoolClosed | E::Io(_) | E::Tls(_) | E::WorkerCrashed => {
+                Self::Unavailable
+            }
+            E::Database(db) => match db.code().as_deref() {
+                Some("57014") => Self::Timeout,
+                Some("40001" | "40P01") => Self::Conflict,
+                // connection exceptions, too many connections or out of
+                // resources, server shutting down or starting
+                Some(code)
+                    if code.starts_with("08")
+                        || code.starts_with("53")
+                        || code.starts_with("57P") =>
+                {
+                    Self::Unavailable
+                }
+                Some(code) if code.starts_with("23") => Self::Constraint,
+                _ => Self::Other,
+            },
+            _ => Self::Other,
+        }
+    }
+
+    /// The `kind` label of the database error metric.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Unavailable => "unavailable",
+            Self::Timeout => "timeout",
+            Self::Conflict => "conflict",
+            Self::Constraint => "constraint",
+            Self::Other => "other",
         }
     }
 }
@@ -166,6 +215,11 @@ impl From<ServiceError> for Status {
                     "",
                     "no such identity in the caller's organization",
                 );
+            }
+            ServiceError::Overloaded => {
+                details.set_retry_info(Some(std::time::Duration::from_millis(
+                    OVERLOAD_RETRY_DELAY_MS,
+                )));
             }
             ServiceError::ChannelNotFound(kind, id) => {
                 let resource_type = match kind {

@@ -6,6 +6,7 @@ pub mod config;
 pub mod dev;
 pub mod domain;
 pub mod error;
+pub mod metrics;
 pub mod service;
 pub mod startup;
 pub mod store;

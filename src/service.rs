@@ -1,10 +1,13 @@
 //! The four RPCs: parse the request at the edge, run one store operation
 //! within the request's deadline, map the result.
 
-use std::{future::Future, time::Duration};
+use std::{future::Future, sync::Arc, time::Duration};
 
 use chrono::{DateTime, Utc};
-use tokio::time::Instant;
+use tokio::{
+    sync::{OwnedSemaphorePermit, Semaphore},
+    time::Instant,
+};
 use tonic::{Request, Response, Status, metadata::MetadataMap};
 
 use crate::domain::{AgentHandle, ChannelId, ChannelKind, OrganizationId};
@@ -15,13 +18,16 @@ use crate::store::{IdentityRecord, MailboxRecord, PhoneNumberRecord, Store};
 pub struct ChannelAssignmentService {
     store: Store,
     request_timeout: Duration,
+    /// Requests being handled; one more than it allows is shed, not queued.
+    capacity: Arc<Semaphore>,
 }
 
 impl ChannelAssignmentService {
-    pub fn new(store: Store, request_timeout: Duration) -> Self {
+    pub fn new(store: Store, request_timeout: Duration, max_concurrent_requests: usize) -> Self {
         Self {
             store,
             request_timeout,
+            capacity: Arc::new(Semaphore::new(max_concurrent_requests)),
         }
     }
 
@@ -34,6 +40,7 @@ impl ChannelAssignmentService {
         raw_channel_id: &str,
     ) -> Result<proto::Identity, ServiceError> {
         let organization = caller(organization)?;
+        let _permit = self.admit()?;
         let mut violations = Vec::new();
         let handle = parse_handle(raw_handle, &mut violations);
         let channel = ChannelId::parse(kind, raw_channel_id)
@@ -47,15 +54,11 @@ impl ChannelAssignmentService {
         let (Some(handle), Some(channel)) = (handle, channel) else {
             return Err(ServiceError::InvalidArgument(violations));
         };
-        let timeout = self.timeout(metadata);
-        let work = self.store.assign(
-            organization,
-            &handle,
-            kind,
-            channel,
-            Instant::now() + timeout,
-        );
-        let identity = within_deadline(timeout, work).await?;
+        let budget = self.budget(metadata);
+        let work = self
+            .store
+            .assign(organization, &handle, kind, channel, budget.write_by);
+        let identity = within(budget, work).await?;
         Ok(identity.into())
     }
 
@@ -67,26 +70,37 @@ impl ChannelAssignmentService {
         raw_handle: &str,
     ) -> Result<(), ServiceError> {
         let organization = caller(organization)?;
+        let _permit = self.admit()?;
         let mut violations = Vec::new();
         let Some(handle) = parse_handle(raw_handle, &mut violations) else {
             return Err(ServiceError::InvalidArgument(violations));
         };
-        let timeout = self.timeout(metadata);
+        let budget = self.budget(metadata);
         let work = self
             .store
-            .unassign(organization, &handle, kind, Instant::now() + timeout);
-        within_deadline(timeout, work).await
+            .unassign(organization, &handle, kind, budget.write_by);
+        within(budget, work).await
     }
 
-    /// The server's request timeout, or the client's deadline if sooner.
-    fn timeout(&self, metadata: &MetadataMap) -> Duration {
-        metadata
+    /// Takes a place among the requests in flight, or sheds this one at once:
+    /// queueing without bound only turns overload into timeouts for everyone.
+    fn admit(&self) -> Result<OwnedSemaphorePermit, ServiceError> {
+        Arc::clone(&self.capacity)
+            .try_acquire_owned()
+            .map_err(|_| ServiceError::Overloaded)
+    }
+
+    /// The time this request has: the server's request timeout, or the
+    /// client's deadline if sooner.
+    fn budget(&self, metadata: &MetadataMap) -> Budget {
+        let timeout = metadata
             .get("grpc-timeout")
             .and_then(|value| value.to_str().ok())
             .and_then(parse_grpc_timeout)
             .map_or(self.request_timeout, |client| {
                 client.min(self.request_timeout)
-            })
+            });
+        Budget::new(Instant::now(), timeout)
     }
 }
 
@@ -178,15 +192,37 @@ fn parse_handle(raw: &str, violations: &mut Vec<FieldViolation>) -> Option<Agent
         .ok()
 }
 
-/// Bounds the whole RPC by its deadline. The statement carries the deadline
-/// too and writes nothing once it has passed; the grace lets a statement that
-/// finished in time report so, rather than be cut off on the way back.
-async fn within_deadline<T>(
-    timeout: Duration,
+/// When to give up on a request, and until when its statement may write.
+///
+/// The answer goes out a margin before the deadline, so that the caller gets
+/// the server's DEADLINE_EXCEEDED (with its details) rather than its own
+/// timer's error; the statement stops writing a margin before that, so that
+/// nothing commits after the caller was told it did not happen.
+#[derive(Clone, Copy, Debug)]
+struct Budget {
+    answer_by: Instant,
+    write_by: Instant,
+}
+
+impl Budget {
+    const MAX_MARGIN: Duration = Duration::from_millis(50);
+
+    fn new(now: Instant, timeout: Duration) -> Self {
+        let margin = (timeout / 10).min(Self::MAX_MARGIN);
+        Self {
+            answer_by: now + timeout.saturating_sub(margin),
+            write_by: now + timeout.saturating_sub(margin * 2),
+        }
+    }
+}
+
+/// Bounds the RPC by its budget. The statement carries `write_by` and
+/// fails rather than writes past it; dropping the future frees the request.
+async fn within<T>(
+    budget: Budget,
     work: impl Future<Output = Result<T, ServiceError>>,
 ) -> Result<T, ServiceError> {
-    const REPORT_GRACE: Duration = Duration::from_millis(100);
-    tokio::time::timeout(timeout + REPORT_GRACE, work)
+    tokio::time::timeout_at(budget.answer_by, work)
         .await
         .unwrap_or(Err(ServiceError::DeadlineExceeded))
 }
@@ -304,6 +340,19 @@ mod tests {
             Some(Duration::from_micros(99_999_999))
         );
         assert_eq!(parse_grpc_timeout("10n"), Some(Duration::from_nanos(10)));
+    }
+
+    #[test]
+    fn the_answer_leaves_before_the_deadline_and_writes_stop_before_the_answer() {
+        let now = Instant::now();
+        let short = Budget::new(now, Duration::from_millis(300));
+        assert_eq!(short.answer_by, now + Duration::from_millis(270));
+        assert_eq!(short.write_by, now + Duration::from_millis(240));
+        let long = Budget::new(now, Duration::from_secs(5));
+        assert_eq!(long.answer_by, now + Duration::from_millis(4950));
+        assert_eq!(long.write_by, now + Duration::from_millis(4900));
+        let none = Budget::new(now, Duration::ZERO);
+        assert_eq!((none.answer_by, none.write_by), (now, now));
     }
 
     #[test]

@@ -13,10 +13,11 @@ use tonic_health::{ServingStatus, server::HealthReporter};
 
 use crate::auth::Authenticator;
 use crate::config::{DatabaseSettings, ServeSettings};
+use crate::metrics::Metrics;
 use crate::proto::channel_assignment_server::ChannelAssignmentServer;
 use crate::service::ChannelAssignmentService;
 use crate::store::Store;
-use crate::telemetry::{self, RpcLogLayer};
+use crate::telemetry::{self, ObserveRpcLayer};
 
 /// Health service names that follow the database.
 const DATABASE_DEPENDENT_SERVICES: [&str; 3] = [
@@ -30,6 +31,8 @@ const LIVENESS: &str = "liveness";
 
 /// Largest request message accepted; the real ones are a few hundred bytes.
 const MAX_MESSAGE_SIZE: usize = 64 * 1024;
+/// How long a keepalive ping may go unanswered before the connection is closed.
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Room for an oversized token to reach the auth check (which refuses it
 /// with UNAUTHENTICATED) instead of failing as HTTP 431.
 const MAX_HEADER_LIST_SIZE: u32 = 4 * crate::auth::MAX_TOKEN_LEN as u32;
@@ -60,6 +63,9 @@ pub fn lazy_pool(settings: &DatabaseSettings, options: PgConnectOptions) -> PgPo
 pub struct Application {
     listener: TcpListener,
     local_addr: SocketAddr,
+    metrics_listener: TcpListener,
+    metrics_addr: SocketAddr,
+    metrics: Arc<Metrics>,
     settings: ServeSettings,
     authenticator: Arc<Authenticator>,
     store: Store,
@@ -73,17 +79,29 @@ impl Application {
             .await
             .with_context(|| format!("cannot listen on {}", settings.grpc_listen_addr))?;
         let local_addr = listener.local_addr()?;
+        let metrics_listener = TcpListener::bind(settings.metrics_listen_addr.as_str())
+            .await
+            .with_context(|| format!("cannot listen on {}", settings.metrics_listen_addr))?;
+        let metrics_addr = metrics_listener.local_addr()?;
+        let metrics = Metrics::new(settings.database.database_max_connections);
         Ok(Self {
             listener,
             local_addr,
+            metrics_listener,
+            metrics_addr,
+            store: Store::new(pool, Arc::clone(&metrics)),
+            metrics,
             settings,
             authenticator,
-            store: Store::new(pool),
         })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    pub fn metrics_addr(&self) -> SocketAddr {
+        self.metrics_addr
     }
 
     /// Serves until `shutdown` completes, then reports NOT_SERVING, lets
@@ -92,6 +110,9 @@ impl Application {
         let Self {
             listener,
             local_addr,
+            metrics_listener,
+            metrics_addr,
+            metrics,
             settings,
             authenticator,
             store,
@@ -116,7 +137,11 @@ impl Application {
         let reflection_v1 = reflection_builder().build_v1()?;
         let reflection_v1alpha = reflection_builder().build_v1alpha()?;
 
-        let service = ChannelAssignmentService::new(store.clone(), settings.request_timeout);
+        let service = ChannelAssignmentService::new(
+            store.clone(),
+            settings.request_timeout,
+            settings.max_concurrent_requests,
+        );
         let service = ChannelAssignmentServer::new(service)
             .max_decoding_message_size(MAX_MESSAGE_SIZE)
             .max_encoding_message_size(MAX_MESSAGE_SIZE);
@@ -129,11 +154,28 @@ impl Application {
                 Ok(request)
             },
         );
-        let service = tower::Layer::layer(&RpcLogLayer, service);
+        let service = tower::Layer::layer(&ObserveRpcLayer::new(Arc::clone(&metrics)), service);
+
+        // Metrics stay up through the drain, and stop with the gRPC server.
+        let (stop_metrics, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
+        let metrics_server = axum::serve(
+            metrics_listener,
+            crate::metrics::router(Arc::clone(&metrics), store.pool().clone()),
+        )
+        .with_graceful_shutdown(async {
+            let _ = metrics_stopped.await;
+        });
+        let metrics_task = tokio::spawn(async move {
+            if let Err(error) = metrics_server.await {
+                tracing::error!(%error, "metrics endpoint failed");
+            }
+        });
+        tracing::info!(address = %metrics_addr, "serving metrics");
 
         let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
         let (drain_started, mut drain_started_rx) = watch::channel(false);
         let reporter = health_reporter.clone();
+        let shutdown_delay = settings.shutdown_delay;
         let signal = async move {
             shutdown.await;
             tracing::info!("shutting down: reporting NOT_SERVING and draining in-flight rpcs");
@@ -145,13 +187,17 @@ impl Application {
                     .set_service_status(name, ServingStatus::NotServing)
                     .await;
             }
+            // Still serving, while load balancers notice NOT_SERVING.
+            tokio::time::sleep(shutdown_delay).await;
             let _ = drain_started.send(true);
         };
 
         tracing::info!(address = %local_addr, "serving gRPC");
         let server = Server::builder()
-            .http2_keepalive_interval(Some(Duration::from_secs(30)))
-            .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+            .http2_keepalive_interval(Some(settings.keepalive_interval))
+            .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+            .max_connection_age(settings.max_connection_age)
+            .max_connection_age_grace(settings.max_connection_age_grace)
             .http2_max_header_list_size(Some(MAX_HEADER_LIST_SIZE))
             .add_service(health_service)
             .add_service(reflection_v1)
@@ -171,6 +217,8 @@ impl Application {
                 tracing::warn!(?drain_timeout, "drain timed out; closing remaining connections");
             }
         }
+        let _ = stop_metrics.send(());
+        let _ = metrics_task.await;
         store.pool().close().await;
         tracing::info!("stopped");
         Ok(())

@@ -2,6 +2,9 @@
 //! every path. Outcomes are told apart from what the statement returns and
 //! from the constraint it hit, never from extra queries beforehand.
 
+use std::sync::Arc;
+
+use sqlx::{Postgres, pool::PoolConnection};
 use tokio::time::Instant;
 
 use chrono::{DateTime, Utc};
@@ -9,7 +12,8 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::domain::{AgentHandle, ChannelId, ChannelKind, OrganizationId};
-use crate::error::ServiceError;
+use crate::error::{DatabaseErrorClass, ServiceError};
+use crate::metrics::Metrics;
 
 /// The full identity detail, as stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -183,11 +187,28 @@ const MAX_ATTEMPTS: u32 = 3;
 #[derive(Clone)]
 pub struct Store {
     pool: PgPool,
+    metrics: Arc<Metrics>,
 }
 
 impl Store {
-    pub fn new(pool: PgPool) -> Self {
-        Self { pool }
+    pub fn new(pool: PgPool, metrics: Arc<Metrics>) -> Self {
+        Self { pool, metrics }
+    }
+
+    /// A connection from the pool, counting the wait in the metrics.
+    async fn connection(&self) -> Result<PoolConnection<Postgres>, sqlx::Error> {
+        let _waiting = self.metrics.waiting_for_connection();
+        let started = Instant::now();
+        let connection = self.pool.acquire().await;
+        self.metrics.connection_acquired(started.elapsed());
+        connection
+    }
+
+    /// Counts a database error by kind before it is interpreted.
+    fn observed(&self, error: sqlx::Error) -> sqlx::Error {
+        self.metrics
+            .database_error(DatabaseErrorClass::of(&error).label());
+        error
     }
 
     pub fn pool(&self) -> &PgPool {
@@ -214,16 +235,21 @@ impl Store {
         };
         let mut attempt = 1;
         loop {
-            let result = sqlx::query_as::<_, AssignRow>(statement)
-                .bind(organization.as_str())
-                .bind(handle.as_str())
-                .bind(channel.as_uuid())
-                .bind(remaining_seconds(deadline))
-                .fetch_one(&self.pool)
-                .await;
+            let result = match self.connection().await {
+                Ok(mut connection) => {
+                    sqlx::query_as::<_, AssignRow>(statement)
+                        .bind(organization.as_str())
+                        .bind(handle.as_str())
+                        .bind(channel.as_uuid())
+                        .bind(remaining_seconds(deadline))
+                        .fetch_one(&mut *connection)
+                        .await
+                }
+                Err(error) => Err(error),
+            };
             let outcome = match result {
                 Ok(row) => row.outcome(handle, kind, channel),
-                Err(error) => Err(assign_error(error, kind, channel)),
+                Err(error) => Err(assign_error(self.observed(error), kind, channel)),
             };
             match outcome {
                 Err(ServiceError::Unavailable(ref error))
@@ -256,12 +282,18 @@ impl Store {
         };
         let mut attempt = 1;
         loop {
-            let result = sqlx::query_scalar::<_, bool>(statement)
-                .bind(organization.as_str())
-                .bind(handle.as_str())
-                .bind(remaining_seconds(deadline))
-                .fetch_one(&self.pool)
-                .await;
+            let result = match self.connection().await {
+                Ok(mut connection) => {
+                    sqlx::query_scalar::<_, bool>(statement)
+                        .bind(organization.as_str())
+                        .bind(handle.as_str())
+                        .bind(remaining_seconds(deadline))
+                        .fetch_one(&mut *connection)
+                        .await
+                }
+                Err(error) => Err(error),
+            }
+            .map_err(|error| self.observed(error));
             match result {
                 Ok(true) => return Ok(()),
                 Ok(false) => return Err(ServiceError::IdentityNotFound(handle.clone())),
@@ -307,8 +339,7 @@ fn remaining_seconds(deadline: Instant) -> f64 {
 }
 
 fn is_transient_conflict(error: &sqlx::Error) -> bool {
-    matches!(error, sqlx::Error::Database(db)
-        if matches!(db.code().as_deref(), Some("40001" | "40P01")))
+    DatabaseErrorClass::of(error) == DatabaseErrorClass::Conflict
 }
 
 #[derive(sqlx::FromRow)]

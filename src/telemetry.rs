@@ -3,6 +3,7 @@
 use std::{
     io::IsTerminal as _,
     pin::Pin,
+    sync::Arc,
     task::{Context, Poll},
     time::Instant,
 };
@@ -12,7 +13,7 @@ use tower::{Layer, Service};
 use tracing::{Instrument as _, Span, field};
 use tracing_subscriber::{EnvFilter, fmt, prelude::*};
 
-use crate::config::LogFormat;
+use crate::{config::LogFormat, metrics::Metrics};
 
 /// Installs the global subscriber. `RUST_LOG` overrides the default levels.
 pub fn init(format: LogFormat) {
@@ -43,32 +44,45 @@ pub fn init(format: LogFormat) {
     drop(installed);
 }
 
-/// Wraps a gRPC service so every call ends in one `rpc` log line with its
-/// method, gRPC code, latency and the caller's organization (recorded into the
-/// span by the auth interceptor).
-#[derive(Clone, Copy, Default)]
-pub struct RpcLogLayer;
+/// Wraps the gRPC service so that every call ends in one `rpc` log line and
+/// in the metrics: method, gRPC code, latency, and the caller's organization
+/// (recorded into the span by the auth interceptor). A W3C `traceparent`
+/// puts its trace id on the span, so log lines join the caller's trace.
+#[derive(Clone)]
+pub struct ObserveRpcLayer {
+    metrics: Arc<Metrics>,
+}
 
-impl<S> Layer<S> for RpcLogLayer {
-    type Service = RpcLog<S>;
+impl ObserveRpcLayer {
+    pub fn new(metrics: Arc<Metrics>) -> Self {
+        Self { metrics }
+    }
+}
+
+impl<S> Layer<S> for ObserveRpcLayer {
+    type Service = ObserveRpc<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        RpcLog { inner }
+        ObserveRpc {
+            inner,
+            metrics: Arc::clone(&self.metrics),
+        }
     }
 }
 
 #[derive(Clone)]
-pub struct RpcLog<S> {
+pub struct ObserveRpc<S> {
     inner: S,
+    metrics: Arc<Metrics>,
 }
 
-impl<S: NamedService> NamedService for RpcLog<S> {
+impl<S: NamedService> NamedService for ObserveRpc<S> {
     const NAME: &'static str = S::NAME;
 }
 
 type BoxFuture<T> = Pin<Box<dyn std::future::Future<Output = T> + Send>>;
 
-impl<S, B, R> Service<http::Request<B>> for RpcLog<S>
+impl<S, B, R> Service<http::Request<B>> for ObserveRpc<S>
 where
     S: Service<http::Request<B>, Response = http::Response<R>>,
     S::Future: Send + 'static,
@@ -90,25 +104,43 @@ where
             .next()
             .unwrap_or_default()
             .to_owned();
-        let span = tracing::info_span!("rpc", method = %method, organization = field::Empty);
+        let trace_id = request
+            .headers()
+            .get("traceparent")
+            .and_then(|value| value.to_str().ok())
+            .and_then(trace_id);
+        let span = tracing::info_span!(
+            "rpc",
+            method = %method,
+            organization = field::Empty,
+            trace_id = trace_id.map(field::display),
+        );
         let started = Instant::now();
+        let in_flight = self.metrics.rpc_started();
+        let metrics = Arc::clone(&self.metrics);
         // The interceptor runs inside `call`, so it can record the organization.
         let response = span.in_scope(|| self.inner.call(request));
         Box::pin(
             async move {
                 let result = response.await;
-                let latency_ms = started.elapsed().as_secs_f64() * 1000.0;
+                let latency = started.elapsed();
+                let latency_ms = latency.as_secs_f64() * 1000.0;
                 match &result {
                     Ok(response) => {
                         let code = response_code(response);
+                        metrics.rpc_finished(&method, code_name(code), latency);
                         if matches!(code, Code::Internal | Code::Unknown | Code::DataLoss) {
-                            tracing::error!(code = ?code, latency_ms, "rpc");
+                            tracing::error!(code = code_name(code), latency_ms, "rpc");
                         } else {
-                            tracing::info!(code = ?code, latency_ms, "rpc");
+                            tracing::info!(code = code_name(code), latency_ms, "rpc");
                         }
                     }
-                    Err(error) => tracing::error!(%error, latency_ms, "rpc failed in transport"),
+                    Err(error) => {
+                        metrics.rpc_finished(&method, "TRANSPORT_ERROR", latency);
+                        tracing::error!(%error, latency_ms, "rpc failed in transport");
+                    }
                 }
+                drop(in_flight);
                 result
             }
             .instrument(span),
@@ -130,4 +162,66 @@ fn response_code<R>(response: &http::Response<R>) -> Code {
         .and_then(|value| value.to_str().ok())
         .and_then(|value| value.parse::<i32>().ok())
         .map_or(Code::Ok, Code::from_i32)
+}
+
+/// The trace id of a W3C `traceparent` (`00-<32 hex>-<16 hex>-<2 hex>`), if
+/// well formed and not all zeros.
+fn trace_id(traceparent: &str) -> Option<&str> {
+    let mut parts = traceparent.split('-');
+    let (version, trace_id, parent_id, flags) =
+        (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    let hex = |s: &str, len: usize| s.len() == len && s.bytes().all(|b| b.is_ascii_hexdigit());
+    let well_formed = hex(version, 2)
+        && version != "ff"
+        && hex(trace_id, 32)
+        && hex(parent_id, 16)
+        && hex(flags, 2)
+        && trace_id.bytes().any(|b| b != b'0')
+        // Version 00 has exactly four fields; later versions may add more.
+        && (version != "00" || parts.next().is_none());
+    well_formed.then_some(trace_id)
+}
+
+/// The canonical name of a gRPC code, as in the gRPC spec and grpcurl.
+pub fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn trace_ids_come_from_well_formed_traceparents_only() {
+        let id = "4bf92f3577b34da6a3ce929d0e0e4736";
+        assert_eq!(trace_id(&format!("00-{id}-00f067aa0ba902b7-01")), Some(id));
+        for bad in [
+            "",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e473g-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
+        ] {
+            assert_eq!(trace_id(bad), None, "{bad:?}");
+        }
+    }
 }

@@ -21,6 +21,7 @@ pub const OTHER_ORG: &str = "org_beta";
 
 pub struct TestApp {
     pub channel: Channel,
+    pub metrics_addr: std::net::SocketAddr,
     pub client: ChannelAssignmentClient<Channel>,
     shutdown: Option<oneshot::Sender<()>>,
     server: JoinHandle<anyhow::Result<()>>,
@@ -48,6 +49,7 @@ pub async fn spawn_app_with_settings(pool: PgPool, settings: ServeSettings) -> T
         .await
         .expect("the application builds");
     let address = application.local_addr();
+    let metrics_addr = application.metrics_addr();
     let (shutdown, shutdown_rx) = oneshot::channel::<()>();
     // Only `stop` shuts the server down: dropping a TestApp must not close
     // the pool it shares with the test.
@@ -62,6 +64,7 @@ pub async fn spawn_app_with_settings(pool: PgPool, settings: ServeSettings) -> T
         .await
         .expect("the server accepts connections once bound");
     TestApp {
+        metrics_addr,
         client: ChannelAssignmentClient::new(channel.clone()),
         channel,
         shutdown: Some(shutdown),
@@ -70,6 +73,13 @@ pub async fn spawn_app_with_settings(pool: PgPool, settings: ServeSettings) -> T
 }
 
 impl TestApp {
+    /// Asks the server to stop, as SIGTERM would, without waiting.
+    pub fn begin_shutdown(&mut self) {
+        if let Some(shutdown) = self.shutdown.take() {
+            let _ = shutdown.send(());
+        }
+    }
+
     /// Stops the server as SIGTERM would and waits until it has drained.
     pub async fn stop(mut self) {
         if let Some(shutdown) = self.shutdown.take() {
@@ -417,6 +427,7 @@ pub fn assert_error(
         Code::NotFound => "404",
         Code::AlreadyExists => "409",
         Code::InvalidArgument => "422",
+        Code::ResourceExhausted => "429",
         Code::Unavailable => "503",
         Code::DeadlineExceeded => "504",
         _ => "500",

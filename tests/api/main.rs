@@ -6,5 +6,7 @@ mod auth;
 mod binary;
 mod concurrency;
 mod helpers;
+mod metrics;
 mod operations;
+mod overload;
 mod unassign;

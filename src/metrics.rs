@@ -1,0 +1,204 @@
+//! Prometheus metrics, served over plain HTTP on their own port.
+//!
+//! One registry per application (not a process-global recorder), so that
+//! tests that run several servers in one process each see their own figures.
+
+use std::{sync::Arc, time::Duration};
+
+use prometheus_client::{
+    encoding::{EncodeLabelSet, text::encode},
+    metrics::{
+        counter::Counter,
+        family::Family,
+        gauge::Gauge,
+        histogram::{Histogram, exponential_buckets},
+    },
+    registry::Registry,
+};
+use sqlx::PgPool;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RpcLabels {
+    method: String,
+    code: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MethodLabels {
+    method: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DatabaseErrorLabels {
+    kind: &'static str,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    rpc_requests: Family<RpcLabels, Counter>,
+    rpc_duration: Family<MethodLabels, Histogram>,
+    rpc_in_flight: Gauge,
+    pool_connections: Gauge,
+    pool_idle: Gauge,
+    pool_waiting: Gauge,
+    pool_acquire_duration: Histogram,
+    database_errors: Family<DatabaseErrorLabels, Counter>,
+}
+
+/// 0.5 ms … ~16 s: the service answers in about a millisecond when healthy,
+/// and within its request timeout (seconds) when not.
+fn latency_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.0005, 2.0, 16))
+}
+
+impl Metrics {
+    pub fn new(max_connections: u32) -> Arc<Self> {
+        let mut registry = Registry::with_prefix("channel_assignment");
+        let rpc_requests = Family::<RpcLabels, Counter>::default();
+        registry.register(
+            "rpc_requests",
+            "ChannelAssignment RPCs handled, by method and gRPC code",
+            rpc_requests.clone(),
+        );
+        let rpc_duration =
+            Family::<MethodLabels, Histogram>::new_with_constructor(latency_histogram as fn() -> _);
+        registry.register(
+            "rpc_duration_seconds",
+            "ChannelAssignment RPC latency, from request to response headers",
+            rpc_duration.clone(),
+        );
+        let rpc_in_flight = Gauge::default();
+        registry.register(
+            "rpc_in_flight",
+            "ChannelAssignment RPCs being handled now",
+            rpc_in_flight.clone(),
+        );
+        let pool_connections = Gauge::default();
+        registry.register(
+            "db_pool_connections",
+            "Open database connections",
+            pool_connections.clone(),
+        );
+        let pool_idle = Gauge::default();
+        registry.register(
+            "db_pool_idle_connections",
+            "Open database connections not in use",
+            pool_idle.clone(),
+        );
+        let pool_max = Gauge::<i64>::default();
+        pool_max.set(i64::from(max_connections));
+        registry.register(
+            "db_pool_max_connections",
+            "Most database connections the pool opens",
+            pool_max,
+        );
+        let pool_waiting = Gauge::default();
+        registry.register(
+            "db_pool_waiting",
+            "Requests waiting for a database connection",
+            pool_waiting.clone(),
+        );
+        let pool_acquire_duration = latency_histogram();
+        registry.register(
+            "db_pool_acquire_duration_seconds",
+            "Time spent waiting for a database connection",
+            pool_acquire_duration.clone(),
+        );
+        let database_errors = Family::<DatabaseErrorLabels, Counter>::default();
+        registry.register(
+            "db_errors",
+            "Database errors, by kind (unavailable, timeout, conflict, other)",
+            database_errors.clone(),
+        );
+        Arc::new(Self {
+            registry,
+            rpc_requests,
+            rpc_duration,
+            rpc_in_flight,
+            pool_connections,
+            pool_idle,
+            pool_waiting,
+            pool_acquire_duration,
+            database_errors,
+        })
+    }
+
+    pub fn rpc_started(self: &Arc<Self>) -> InFlight {
+        self.rpc_in_flight.inc();
+        InFlight(Arc::clone(self))
+    }
+
+    pub fn rpc_finished(&self, method: &str, code: &'static str, latency: Duration) {
+        self.rpc_requests
+            .get_or_create(&RpcLabels {
+                method: method.to_owned(),
+                code,
+            })
+            .inc();
+        self.rpc_duration
+            .get_or_create(&MethodLabels {
+                method: method.to_owned(),
+            })
+            .observe(latency.as_secs_f64());
+    }
+
+    /// Counts a request waiting for a connection until the guard is dropped.
+    pub fn waiting_for_connection(self: &Arc<Self>) -> WaitingForConnection {
+        self.pool_waiting.inc();
+        WaitingForConnection(Arc::clone(self))
+    }
+
+    pub fn connection_acquired(&self, waited: Duration) {
+        self.pool_acquire_duration.observe(waited.as_secs_f64());
+    }
+
+    pub fn database_error(&self, kind: &'static str) {
+        self.database_errors
+            .get_or_create(&DatabaseErrorLabels { kind })
+            .inc();
+    }
+
+    /// The text exposition, with the pool's gauges read now.
+    pub fn render(&self, pool: &PgPool) -> String {
+        self.pool_connections.set(i64::from(pool.size()));
+        self.pool_idle
+            .set(i64::try_from(pool.num_idle()).unwrap_or(i64::MAX));
+        let mut text = String::new();
+        // Writing into a String cannot fail.
+        let _ = encode(&mut text, &self.registry);
+        text
+    }
+}
+
+/// Decrements the in-flight gauge however the RPC ends (even if cancelled).
+pub struct InFlight(Arc<Metrics>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.rpc_in_flight.dec();
+    }
+}
+
+pub struct WaitingForConnection(Arc<Metrics>);
+
+impl Drop for WaitingForConnection {
+    fn drop(&mut self) {
+        self.0.pool_waiting.dec();
+    }
+}
+
+/// The `/metrics` endpoint.
+pub fn router(metrics: Arc<Metrics>, pool: PgPool) -> axum::Router {
+    axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || async move {
+            (
+                [(
+                    http::header::CONTENT_TYPE,
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                )],
+                metrics.render(&pool),
+            )
+        }),
+    )
+}
