@@ -10,12 +10,19 @@ use clap::Parser as _;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    telemetry::init(cli.log_format);
     let outcome = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")
-        .and_then(|runtime| runtime.block_on(run(cli.command)));
+        .and_then(|runtime| {
+            runtime.block_on(async {
+                // Inside the runtime: the span exporter runs on it.
+                let telemetry = telemetry::init(cli.log_format, cli.otlp_endpoint.as_deref())?;
+                let outcome = run(cli.command).await;
+                telemetry.shutdown();
+                outcome
+            })
+        });
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {

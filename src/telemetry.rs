@@ -5,7 +5,7 @@ use std::{
     pin::Pin,
     sync::Arc,
     task::{Context, Poll},
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use tonic::{Code, server::NamedService};
@@ -13,13 +13,31 @@ use tower::{Layer, Service};
 use tracing::{Instrument as _, Span, field};
 use tracing_subscriber::{EnvFilter, fmt, prelude::*};
 
+use anyhow::Context as _;
+use opentelemetry::{
+    propagation::{Extractor, TextMapPropagator as _},
+    trace::TracerProvider as _,
+};
+use opentelemetry_otlp::WithExportConfig as _;
+use opentelemetry_sdk::{
+    Resource, propagation::TraceContextPropagator, trace::SdkTracerProvider,
+    trace::span_processor_with_async_runtime::BatchSpanProcessor,
+};
+use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+
 use crate::{config::LogFormat, metrics::Metrics};
 
 /// Installs the global subscriber. `RUST_LOG` overrides the default levels.
-pub fn init(format: LogFormat) {
+/// With an OTLP endpoint, spans are exported too (batched, on the runtime);
+/// call `shutdown` on the result before exiting, to flush them.
+pub fn init(format: LogFormat, otlp_endpoint: Option<&str>) -> anyhow::Result<Telemetry> {
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,h2=warn,tower=warn"));
-    let registry = tracing_subscriber::registry().with(filter);
+    let tracer_provider = otlp_endpoint.map(tracer_provider).transpose()?;
+    let otel_layer = tracer_provider.as_ref().map(|provider| {
+        tracing_opentelemetry::layer().with_tracer(provider.tracer("channel-assignment"))
+    });
+    let registry = tracing_subscriber::registry().with(filter).with(otel_layer);
     // Logs go to stderr: stdout carries what `dev` and `token` print.
     let installed = match format {
         LogFormat::Text => registry
@@ -42,6 +60,41 @@ pub fn init(format: LogFormat) {
     };
     // A subscriber set earlier (a test harness) is kept.
     drop(installed);
+    Ok(Telemetry { tracer_provider })
+}
+
+fn tracer_provider(endpoint: &str) -> anyhow::Result<SdkTracerProvider> {
+    let exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_tonic()
+        .with_endpoint(endpoint)
+        .with_timeout(Duration::from_secs(5))
+        .build()
+        .with_context(|| format!("cannot set up the OTLP exporter for {endpoint}"))?;
+    let processor =
+        BatchSpanProcessor::builder(exporter, opentelemetry_sdk::runtime::Tokio).build();
+    Ok(SdkTracerProvider::builder()
+        .with_span_processor(processor)
+        .with_resource(
+            Resource::builder()
+                .with_service_name("channel-assignment")
+                .build(),
+        )
+        .build())
+}
+
+/// What must outlive serving: the span exporter, flushed on shutdown.
+pub struct Telemetry {
+    tracer_provider: Option<SdkTracerProvider>,
+}
+
+impl Telemetry {
+    pub fn shutdown(self) {
+        if let Some(provider) = self.tracer_provider
+            && let Err(error) = provider.shutdown()
+        {
+            tracing::warn!(%error, "could not flush trace spans");
+        }
+    }
 }
 
 /// Wraps the gRPC service so that every call ends in one `rpc` log line and
@@ -115,6 +168,11 @@ where
             organization = field::Empty,
             trace_id = trace_id.map(field::display),
         );
+        if trace_id.is_some() {
+            // The caller's span becomes this one's parent in exported traces.
+            let parent = TraceContextPropagator::new().extract(&HeaderExtractor(request.headers()));
+            let _ = span.set_parent(parent);
+        }
         let started = Instant::now();
         let in_flight = self.metrics.rpc_started();
         let metrics = Arc::clone(&self.metrics);
@@ -145,6 +203,19 @@ where
             }
             .instrument(span),
         )
+    }
+}
+
+/// Reads W3C trace context from HTTP headers.
+struct HeaderExtractor<'a>(&'a http::HeaderMap);
+
+impl Extractor for HeaderExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|value| value.to_str().ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(http::HeaderName::as_str).collect()
     }
 }
 

@@ -2,6 +2,10 @@
 
 use std::{process::Stdio, time::Duration};
 
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTraceServiceRequest, ExportTraceServiceResponse,
+    trace_service_server::{TraceService, TraceServiceServer},
+};
 use sqlx::PgPool;
 use tokio::{
     io::{AsyncBufReadExt as _, BufReader},
@@ -78,10 +82,14 @@ async fn migrate_creates_the_schema_and_is_idempotent(pool: PgPool) {
 
 /// Starts `serve` and returns it with the address it logged and its later
 /// log messages.
-async fn serve(pool: &PgPool) -> (Child, String, mpsc::UnboundedReceiver<String>) {
+async fn serve(
+    pool: &PgPool,
+    extra_env: &[(&str, &str)],
+) -> (Child, String, mpsc::UnboundedReceiver<String>) {
     let mut child = command(pool)
         .arg("serve")
         .env("AUTH_JWT_HS256_SECRET", SECRET)
+        .envs(extra_env.iter().copied())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -116,7 +124,7 @@ async fn serve(pool: &PgPool) -> (Child, String, mpsc::UnboundedReceiver<String>
 async fn sigterm_drains_in_flight_rpcs_and_exits_zero(pool: PgPool) {
     insert_identity(&pool, ORG, "sales-agent").await;
     let mailbox = insert_mailbox(&pool, ORG).await.to_string();
-    let (mut child, address, mut log) = serve(&pool).await;
+    let (mut child, address, mut log) = serve(&pool, &[]).await;
     let channel = Channel::from_shared(format!("http://{address}"))
         .unwrap()
         .connect()
@@ -156,4 +164,79 @@ async fn sigterm_drains_in_flight_rpcs_and_exits_zero(pool: PgPool) {
         .expect("exits within the drain timeout")
         .unwrap();
     assert_eq!(status.code(), Some(0));
+}
+
+/// A stand-in OTLP collector: hands every exported batch to the test.
+struct Collector(mpsc::UnboundedSender<ExportTraceServiceRequest>);
+
+#[tonic::async_trait]
+impl TraceService for Collector {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        let _ = self.0.send(request.into_inner());
+        Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
+    }
+}
+
+#[sqlx::test]
+async fn spans_are_exported_over_otlp_under_the_callers_trace(pool: PgPool) {
+    insert_identity(&pool, ORG, "sales-agent").await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let collector_addr = listener.local_addr().unwrap();
+    let (exported, mut batches) = mpsc::unbounded_channel();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(TraceServiceServer::new(Collector(exported)))
+            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+    );
+    let endpoint = format!("http://{collector_addr}");
+    let (mut child, address, _log) =
+        serve(&pool, &[("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str())]).await;
+
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let parent_span_id = "00f067aa0ba902b7";
+    let channel = Channel::from_shared(format!("http://{address}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut request = authorized(
+        channel_assignment::proto::UnassignMailboxRequest {
+            agent_handle: "sales-agent".into(),
+        },
+        ORG,
+    );
+    request.metadata_mut().insert(
+        "traceparent",
+        format!("00-{trace_id}-{parent_span_id}-01")
+            .parse()
+            .unwrap(),
+    );
+    channel_assignment::proto::channel_assignment_client::ChannelAssignmentClient::new(channel)
+        .unassign_mailbox(request)
+        .await
+        .expect("served");
+
+    // SIGTERM flushes the batch on the way out.
+    let pid = child.id().expect("running").to_string();
+    std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert_eq!(child.wait().await.unwrap().code(), Some(0));
+
+    let mut rpc_spans = Vec::new();
+    while let Ok(batch) = batches.try_recv() {
+        for resource in batch.resource_spans {
+            for scope in resource.scope_spans {
+                rpc_spans.extend(scope.spans.into_iter().filter(|span| span.name == "rpc"));
+            }
+        }
+    }
+    let hex = |bytes: &[u8]| bytes.iter().map(|b| format!("{b:02x}")).collect::<String>();
+    let span = rpc_spans.first().expect("the rpc span was exported");
+    assert_eq!(hex(&span.trace_id), trace_id);
+    assert_eq!(hex(&span.parent_span_id), parent_span_id);
 }
