@@ -144,9 +144,14 @@ impl DatabaseErrorClass {
     pub fn of(error: &sqlx::Error) -> Self {
         use sqlx::Error as E;
         match error {
-            E::PoolTimedOut | E::PoolClosed | E::Io(_) | E::Tls(_) | E::WorkerCrashed => {
-                Self::Unavailable
-            }
+            // A protocol error leaves the connection unusable, like a lost one
+            // (e.g. a peer that closes it during the TLS handshake).
+            E::PoolTimedOut
+            | E::PoolClosed
+            | E::Io(_)
+            | E::Tls(_)
+            | E::Protocol(_)
+            | E::WorkerCrashed => Self::Unavailable,
             E::Database(db) => match db.code().as_deref() {
                 Some("57014") => Self::Timeout,
                 Some("40001" | "40P01") => Self::Conflict,

@@ -9,6 +9,7 @@ use tokio::{
     time::Instant,
 };
 use tonic::{Request, Response, Status, metadata::MetadataMap};
+use tracing::Instrument as _;
 
 use crate::domain::{AgentHandle, ChannelId, ChannelKind, OrganizationId};
 use crate::error::{FieldViolation, ServiceError};
@@ -39,8 +40,8 @@ impl ChannelAssignmentService {
         raw_handle: &str,
         raw_channel_id: &str,
     ) -> Result<proto::Identity, ServiceError> {
-        let organization = caller(organization)?;
-        let _permit = self.admit()?;
+        let organization = caller(organization)?.clone();
+        let permit = self.admit()?;
         let mut violations = Vec::new();
         let handle = parse_handle(raw_handle, &mut violations);
         let channel = ChannelId::parse(kind, raw_channel_id)
@@ -55,10 +56,13 @@ impl ChannelAssignmentService {
             return Err(ServiceError::InvalidArgument(violations));
         };
         let budget = self.budget(metadata);
-        let work = self
-            .store
-            .assign(organization, &handle, kind, channel, budget.write_by);
-        let identity = within(budget, work).await?;
+        let store = self.store.clone();
+        let work = async move {
+            store
+                .assign(&organization, &handle, kind, channel, budget.write_by)
+                .await
+        };
+        let identity = within(budget, permit, work).await?;
         Ok(identity.into())
     }
 
@@ -69,17 +73,20 @@ impl ChannelAssignmentService {
         kind: ChannelKind,
         raw_handle: &str,
     ) -> Result<(), ServiceError> {
-        let organization = caller(organization)?;
-        let _permit = self.admit()?;
+        let organization = caller(organization)?.clone();
+        let permit = self.admit()?;
         let mut violations = Vec::new();
         let Some(handle) = parse_handle(raw_handle, &mut violations) else {
             return Err(ServiceError::InvalidArgument(violations));
         };
         let budget = self.budget(metadata);
-        let work = self
-            .store
-            .unassign(organization, &handle, kind, budget.write_by);
-        within(budget, work).await
+        let store = self.store.clone();
+        let work = async move {
+            store
+                .unassign(&organization, &handle, kind, budget.write_by)
+                .await
+        };
+        within(budget, permit, work).await
     }
 
     /// Takes a place among the requests in flight, or sheds this one at once:
@@ -216,15 +223,36 @@ impl Budget {
     }
 }
 
-/// Bounds the RPC by its budget. The statement carries `write_by` and
-/// fails rather than writes past it; dropping the future frees the request.
-async fn within<T>(
+/// Runs the database work as a task of its own and waits for it until the
+/// budget's answer time.
+///
+/// The work is never cancelled mid-statement: sqlx cannot recover a
+/// connection whose query future was dropped (its release-time ping never
+/// returns it to the pool), so a caller that gives up, or a passed deadline,
+/// only stops the waiting. The statement then ends by itself, soon: it fails
+/// rather than writes past `write_by`, and `statement_timeout` bounds it on
+/// the server. The capacity permit goes with the work, so load shedding
+/// counts what is really still running.
+async fn within<T: Send + 'static>(
     budget: Budget,
-    work: impl Future<Output = Result<T, ServiceError>>,
+    permit: OwnedSemaphorePermit,
+    work: impl Future<Output = Result<T, ServiceError>> + Send + 'static,
 ) -> Result<T, ServiceError> {
-    tokio::time::timeout_at(budget.answer_by, work)
-        .await
-        .unwrap_or(Err(ServiceError::DeadlineExceeded))
+    let task = tokio::spawn(
+        async move {
+            let outcome = work.await;
+            drop(permit);
+            outcome
+        }
+        .in_current_span(),
+    );
+    match tokio::time::timeout_at(budget.answer_by, task).await {
+        Ok(Ok(outcome)) => outcome,
+        Ok(Err(failed)) => Err(ServiceError::Internal(anyhow::anyhow!(
+            "database task failed: {failed}"
+        ))),
+        Err(_) => Err(ServiceError::DeadlineExceeded),
+    }
 }
 
 /// Parses a `grpc-timeout` header: up to 8 digits and a unit (H M S m u n).

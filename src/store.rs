@@ -195,13 +195,19 @@ impl Store {
         Self { pool, metrics }
     }
 
-    /// A connection from the pool, counting the wait in the metrics.
-    async fn connection(&self) -> Result<PoolConnection<Postgres>, sqlx::Error> {
+    /// A connection from the pool, counting the wait in the metrics. Failing
+    /// to get one, whatever the reason sqlx gives, means the database cannot
+    /// be reached now.
+    async fn connection(&self) -> Result<PoolConnection<Postgres>, ServiceError> {
         let _waiting = self.metrics.waiting_for_connection();
         let started = Instant::now();
         let connection = self.pool.acquire().await;
         self.metrics.connection_acquired(started.elapsed());
-        connection
+        connection.map_err(|error| {
+            self.metrics
+                .database_error(DatabaseErrorClass::Unavailable.label());
+            ServiceError::Unavailable(error)
+        })
     }
 
     /// Counts a database error by kind before it is interpreted.
@@ -233,20 +239,16 @@ impl Store {
             ChannelKind::Mailbox => ASSIGN_MAILBOX,
             ChannelKind::PhoneNumber => ASSIGN_PHONE_NUMBER,
         };
+        let mut connection = self.connection().await?;
         let mut attempt = 1;
         loop {
-            let result = match self.connection().await {
-                Ok(mut connection) => {
-                    sqlx::query_as::<_, AssignRow>(statement)
-                        .bind(organization.as_str())
-                        .bind(handle.as_str())
-                        .bind(channel.as_uuid())
-                        .bind(remaining_seconds(deadline))
-                        .fetch_one(&mut *connection)
-                        .await
-                }
-                Err(error) => Err(error),
-            };
+            let result = sqlx::query_as::<_, AssignRow>(statement)
+                .bind(organization.as_str())
+                .bind(handle.as_str())
+                .bind(channel.as_uuid())
+                .bind(remaining_seconds(deadline))
+                .fetch_one(&mut *connection)
+                .await;
             let outcome = match result {
                 Ok(row) => row.outcome(handle, kind, channel),
                 Err(error) => Err(assign_error(self.observed(error), kind, channel)),
@@ -280,20 +282,16 @@ impl Store {
             ChannelKind::Mailbox => UNASSIGN_MAILBOX,
             ChannelKind::PhoneNumber => UNASSIGN_PHONE_NUMBER,
         };
+        let mut connection = self.connection().await?;
         let mut attempt = 1;
         loop {
-            let result = match self.connection().await {
-                Ok(mut connection) => {
-                    sqlx::query_scalar::<_, bool>(statement)
-                        .bind(organization.as_str())
-                        .bind(handle.as_str())
-                        .bind(remaining_seconds(deadline))
-                        .fetch_one(&mut *connection)
-                        .await
-                }
-                Err(error) => Err(error),
-            }
-            .map_err(|error| self.observed(error));
+            let result = sqlx::query_scalar::<_, bool>(statement)
+                .bind(organization.as_str())
+                .bind(handle.as_str())
+                .bind(remaining_seconds(deadline))
+                .fetch_one(&mut *connection)
+                .await
+                .map_err(|error| self.observed(error));
             match result {
                 Ok(true) => return Ok(()),
                 Ok(false) => return Err(ServiceError::IdentityNotFound(handle.clone())),

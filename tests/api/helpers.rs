@@ -20,6 +20,7 @@ pub const ORG: &str = "org_alpha";
 pub const OTHER_ORG: &str = "org_beta";
 
 pub struct TestApp {
+    pub address: std::net::SocketAddr,
     pub channel: Channel,
     pub metrics_addr: std::net::SocketAddr,
     pub client: ChannelAssignmentClient<Channel>,
@@ -64,6 +65,7 @@ pub async fn spawn_app_with_settings(pool: PgPool, settings: ServeSettings) -> T
         .await
         .expect("the server accepts connections once bound");
     TestApp {
+        address,
         metrics_addr,
         client: ChannelAssignmentClient::new(channel.clone()),
         channel,
