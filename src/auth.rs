@@ -256,3 +256,129 @@ pub fn mint_hs256_token(
     let key = jsonwebtoken::EncodingKey::from_secret(secret.as_bytes());
     Ok(jsonwebtoken::encode(&header, &claims, &key)?)
 }
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+    use tonic::metadata::{MetadataMap, MetadataValue};
+
+    use super::*;
+
+    const SECRET: &str = "property-test-secret-0123456789ab";
+
+    fn authenticator(trusted_header: bool) -> Authenticator {
+        Authenticator::from_settings(&AuthSettings {
+            trusted_header,
+            ..AuthSettings::hs256(SECRET)
+        })
+        .unwrap()
+    }
+
+    fn token(claims: &serde_json::Value) -> String {
+        mint(claims, SECRET)
+    }
+
+    fn mint(claims: &serde_json::Value, secret: &str) -> String {
+        jsonwebtoken::encode(
+            &jsonwebtoken::Header::new(Algorithm::HS256),
+            claims,
+            &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+        )
+        .unwrap()
+    }
+
+    fn refusal_is_in_the_contract(result: &Result<OrganizationId, ServiceError>) -> bool {
+        matches!(
+            result,
+            Ok(_) | Err(ServiceError::Unauthenticated(_) | ServiceError::OrganizationIdMissing)
+        )
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_metadata_bytes_are_refused_as_the_contract_says(
+            bytes in proptest::collection::vec(any::<u8>(), 0..4096),
+            header in prop_oneof![Just("authorization"), Just("x-organization-id")],
+            trusted in any::<bool>(),
+        ) {
+            let mut metadata = MetadataMap::new();
+            if let Ok(value) = MetadataValue::try_from(bytes.as_slice()) {
+                metadata.insert(header, value);
+            }
+            let result = authenticator(trusted).authenticate(&metadata);
+            prop_assert!(refusal_is_in_the_contract(&result), "{result:?}");
+            if header == "authorization" {
+                prop_assert!(result.is_err(), "random bytes are never a valid token");
+            }
+        }
+
+        #[test]
+        fn arbitrary_bearer_strings_are_unauthenticated(token in ".{0,2000}") {
+            let mut metadata = MetadataMap::new();
+            if let Ok(value) = MetadataValue::try_from(format!("Bearer {token}").as_bytes()) {
+                metadata.insert("authorization", value);
+            }
+            let result = authenticator(false).authenticate(&metadata);
+            prop_assert!(matches!(result, Err(ServiceError::Unauthenticated(_))), "{result:?}");
+        }
+
+        /// A correctly signed token names the organization exactly when its
+        /// org_id is a string of the documented form; otherwise it is 403.
+        #[test]
+        fn signed_org_ids_are_taken_only_when_well_formed(
+            org_id in prop_oneof![
+                "[A-Za-z0-9_-]{1,64}".prop_map(serde_json::Value::from),
+                ".{0,80}".prop_map(serde_json::Value::from),
+                any::<i64>().prop_map(serde_json::Value::from),
+                Just(serde_json::Value::Null),
+                Just(serde_json::json!({"id": "org_1"})),
+            ]
+        ) {
+            let exp = chrono::Utc::now().timestamp() + 600;
+            let signed = token(&serde_json::json!({ "org_id": org_id.clone(), "exp": exp }));
+            let mut metadata = MetadataMap::new();
+            metadata.insert("authorization", format!("Bearer {signed}").parse().unwrap());
+            let result = authenticator(false).authenticate(&metadata);
+            let expected = org_id.as_str().and_then(OrganizationId::parse);
+            match (result, expected) {
+                (Ok(found), Some(expected)) => prop_assert_eq!(found, expected),
+                (Err(ServiceError::OrganizationIdMissing), None) => {}
+                (other, expected) => prop_assert!(false, "{other:?} for {expected:?}"),
+            }
+        }
+
+        /// Any change to a signed token's bytes makes it unusable.
+        #[test]
+        fn a_tampered_token_is_refused(position in any::<prop::sample::Index>(), replacement in "[A-Za-z0-9_-]") {
+            let exp = chrono::Utc::now().timestamp() + 600;
+            let signed = token(&serde_json::json!({ "org_id": "org_1", "exp": exp }));
+            let at = position.index(signed.len());
+            let original = &signed[at..=at];
+            prop_assume!(original != "." && original != replacement.as_str());
+            let tampered = format!("{}{}{}", &signed[..at], replacement, &signed[at + 1..]);
+            let mut metadata = MetadataMap::new();
+            metadata.insert("authorization", format!("Bearer {tampered}").parse().unwrap());
+            let result = authenticator(false).authenticate(&metadata);
+            // Base64url's last character carries spare bits: a change there
+            // can decode to the same bytes and still verify.
+            if at + 1 != signed.len() {
+                prop_assert!(result.is_err(), "tampered at {at}: {result:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_token_signed_with_another_secret_is_refused() {
+        let exp = chrono::Utc::now().timestamp() + 600;
+        let forged = mint(
+            &serde_json::json!({ "org_id": "org_1", "exp": exp }),
+            "another-secret-0123456789abcdef",
+        );
+        let mut metadata = MetadataMap::new();
+        metadata.insert("authorization", format!("Bearer {forged}").parse().unwrap());
+        assert!(matches!(
+            authenticator(false).authenticate(&metadata),
+            Err(ServiceError::Unauthenticated(_))
+        ));
+    }
+}

@@ -198,6 +198,44 @@ mod tests {
         assert!(AgentHandle::parse("Sales.Agent_01-x").is_ok());
     }
 
+    proptest::proptest! {
+        #[test]
+        fn any_text_is_a_handle_or_a_refusal_never_a_panic(raw in "\\PC*|.*") {
+            let _ = AgentHandle::parse(&raw);
+            let _ = ChannelId::parse(ChannelKind::Mailbox, &raw);
+            let _ = OrganizationId::parse(&raw);
+        }
+
+        #[test]
+        fn every_handle_of_the_documented_set_is_accepted(raw in "[A-Za-z0-9._-]{1,255}") {
+            let plain = AgentHandle::parse(&raw).unwrap();
+            proptest::prop_assert_eq!(plain.as_str(), raw.as_str());
+            let with_at = AgentHandle::parse(&format!("@{raw}")).unwrap();
+            proptest::prop_assert_eq!(with_at, plain);
+        }
+
+        #[test]
+        fn an_accepted_handle_parses_to_itself(raw in ".{0,300}") {
+            if let Ok(handle) = AgentHandle::parse(&raw) {
+                proptest::prop_assert_eq!(AgentHandle::parse(handle.as_str()).unwrap(), handle);
+            }
+        }
+
+        #[test]
+        fn organization_ids_are_exactly_the_documented_set(raw in "[A-Za-z0-9_-]{0,70}|.{0,70}") {
+            let documented = (1..=64).contains(&raw.len())
+                && raw.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+            proptest::prop_assert_eq!(OrganizationId::parse(&raw).is_some(), documented);
+        }
+
+        #[test]
+        fn every_uuid_round_trips(bits: u128) {
+            let text = Uuid::from_u128(bits).to_string();
+            let parsed = ChannelId::parse(ChannelKind::PhoneNumber, &text).unwrap();
+            proptest::prop_assert_eq!(parsed.to_string(), text);
+        }
+    }
+
     #[test]
     fn channel_ids_must_be_canonical_uuids() {
         let id = "0b6a4b9e-3c1f-4f8e-9d2a-5c7e1f0a9b3d";

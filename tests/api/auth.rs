@@ -429,3 +429,71 @@ async fn a_short_shared_secret_is_accepted_with_a_warning(pool: PgPool) {
         .expect("accepted");
     assert_eq!(identity.organization_id, ORG);
 }
+
+#[sqlx::test]
+async fn metadata_that_is_not_text_is_refused_cleanly(pool: PgPool) {
+    let auth = AuthSettings {
+        trusted_header: true,
+        ..AuthSettings::hs256(SECRET)
+    };
+    let app = spawn_app_with(&pool, auth).await;
+    let mailbox = seed(&pool).await;
+    let before = snapshot(&pool).await;
+    let invalid_utf8: &[u8] = b"Bearer \xff\xfe\x80token";
+
+    let mut call = Request::new(request(&mailbox));
+    call.metadata_mut().insert(
+        "authorization",
+        tonic::metadata::MetadataValue::try_from(invalid_utf8).unwrap(),
+    );
+    assert_error(
+        assign_with(&app, call).await,
+        Code::Unauthenticated,
+        "UNAUTHENTICATED",
+    );
+
+    let mut call = Request::new(request(&mailbox));
+    call.metadata_mut().insert(
+        "x-organization-id",
+        tonic::metadata::MetadataValue::try_from(&b"org_\xff"[..]).unwrap(),
+    );
+    assert_error(
+        assign_with(&app, call).await,
+        Code::PermissionDenied,
+        "ORGANIZATION_ID_MISSING",
+    );
+    assert_eq!(snapshot(&pool).await, before);
+}
+
+#[sqlx::test]
+async fn asymmetric_tokens_are_held_to_the_same_claims(pool: PgPool) {
+    let app = spawn_app_with(&pool, public_key_auth("es256-public.pem")).await;
+    let mailbox = seed(&pool).await;
+    let before = snapshot(&pool).await;
+    let sign =
+        |claims: serde_json::Value| sign_with_pem(Algorithm::ES256, "es256-private.pem", &claims);
+
+    for (case, token) in [
+        ("expired", sign(json!({ "org_id": ORG, "exp": now() - 60 }))),
+        ("no exp", sign(json!({ "org_id": ORG }))),
+        (
+            "nbf in the future",
+            sign(json!({ "org_id": ORG, "exp": now() + 3600, "nbf": now() + 600 })),
+        ),
+        (
+            "huge",
+            sign(json!({ "org_id": ORG, "exp": now() + 3600, "pad": "x".repeat(10_000) })),
+        ),
+    ] {
+        let result = assign_with(&app, with_bearer(request(&mailbox), &token)).await;
+        assert!(result.is_err(), "{case}: accepted");
+        assert_error(result, Code::Unauthenticated, "UNAUTHENTICATED");
+    }
+    let no_org = sign(json!({ "exp": now() + 3600 }));
+    assert_error(
+        assign_with(&app, with_bearer(request(&mailbox), &no_org)).await,
+        Code::PermissionDenied,
+        "ORGANIZATION_ID_MISSING",
+    );
+    assert_eq!(snapshot(&pool).await, before);
+}

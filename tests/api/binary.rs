@@ -13,7 +13,7 @@ use tokio::{
     sync::mpsc,
 };
 use tokio_stream::StreamExt as _;
-use tonic::transport::Channel;
+use tonic::{Code, transport::Channel};
 use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
 };
@@ -38,6 +38,7 @@ fn command(pool: &PgPool) -> Command {
         .env_clear()
         .env("DATABASE_URL", url)
         .env("GRPC_LISTEN_ADDR", "127.0.0.1:0")
+        .env("METRICS_LISTEN_ADDR", "127.0.0.1:0")
         .env("LOG_FORMAT", "json")
         .stdin(Stdio::null())
         .kill_on_drop(true);
@@ -239,4 +240,57 @@ async fn spans_are_exported_over_otlp_under_the_callers_trace(pool: PgPool) {
     let span = rpc_spans.first().expect("the rpc span was exported");
     assert_eq!(hex(&span.trace_id), trace_id);
     assert_eq!(hex(&span.parent_span_id), parent_span_id);
+}
+
+#[sqlx::test]
+async fn sigterm_under_load_completes_what_it_accepted_and_exits_zero(pool: PgPool) {
+    let workers = crate::load::seed_workers(&pool, 8).await;
+    let (mut child, address, mut log) = serve(&pool, &[]).await;
+    let load = crate::load::Load::start(
+        workers,
+        format!("http://{address}"),
+        Duration::from_secs(10),
+    );
+    tokio::time::sleep(Duration::from_millis(600)).await;
+
+    let pid = child.id().expect("running").to_string();
+    std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    let signalled = std::time::Instant::now();
+    while log.recv().await.expect("logs until exit") != SHUTTING_DOWN {}
+    let status = tokio::time::timeout(Duration::from_secs(25), child.wait())
+        .await
+        .expect("exits within the grace period")
+        .unwrap();
+    let exited_after = signalled.elapsed();
+    // Clients keep sending for a while after the exit: refused cleanly.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let workers = load.stop().await;
+
+    assert_eq!(status.code(), Some(0));
+    let codes = crate::load::code_counts(&workers);
+    for (code, _) in &codes {
+        assert!(
+            matches!(code, Code::Ok | Code::Unavailable),
+            "unexpected {code:?} in {codes:?}"
+        );
+    }
+    let refused = workers
+        .iter()
+        .flat_map(|w| &w.outcomes)
+        .filter(|o| o.code != Code::Ok)
+        .count();
+    assert!(refused > 0, "requests after the exit were refused");
+    let verdict = crate::load::verify(&pool, &workers).await;
+    assert_eq!(
+        verdict.applied_despite_unavailable, 0,
+        "every request the server accepted was answered"
+    );
+    println!(
+        "shutdown under load: {} requests ({codes:?}), exit 0 after {exited_after:?}, \
+         accepted but unanswered: 0",
+        verdict.requests
+    );
 }

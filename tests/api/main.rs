@@ -7,6 +7,7 @@ mod binary;
 mod concurrency;
 mod faults;
 mod helpers;
+mod isolation;
 mod load;
 mod metrics;
 mod operations;
