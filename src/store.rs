@@ -175,10 +175,13 @@ macro_rules! identity_detail_joins {
     };
 }
 
-const ASSIGN_MAILBOX: &str = assign_statement!("mailboxes", "mailbox_id");
-const ASSIGN_PHONE_NUMBER: &str = assign_statement!("phone_numbers", "phone_number_id");
-const UNASSIGN_MAILBOX: &str = unassign_statement!("mailbox_id");
-const UNASSIGN_PHONE_NUMBER: &str = unassign_statement!("phone_number_id");
+/// The statements, public so that the benchmark runs exactly these in
+/// pgbench. Parameters: `$1` organization, `$2` handle, then for assign `$3`
+/// the channel id and `$4` the seconds left, for unassign `$3` the seconds left.
+pub const ASSIGN_MAILBOX: &str = assign_statement!("mailboxes", "mailbox_id");
+pub const ASSIGN_PHONE_NUMBER: &str = assign_statement!("phone_numbers", "phone_number_id");
+pub const UNASSIGN_MAILBOX: &str = unassign_statement!("mailbox_id");
+pub const UNASSIGN_PHONE_NUMBER: &str = unassign_statement!("phone_number_id");
 
 /// How often an operation is tried when a concurrent change got in its way
 /// (a serialization failure, a deadlock, or a row changed under the update).

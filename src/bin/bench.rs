@@ -1,0 +1,561 @@
+//! Benchmark tools for `bench/run`: a dataset seeder, a gRPC load generator,
+//! and pgbench scripts that run exactly the service's statements with the
+//! same random picks, so that the service can be measured against what
+//! PostgreSQL itself sustains.
+//!
+//! The dataset is deterministic, so that neither the load generator nor
+//! pgbench has to read it: identity `i` (of `N`) is `agent-i` in organization
+//! `org_(i mod K)` and holds mailbox `i`; mailboxes and phone numbers
+//! `0..2N+K` exist, `j` belonging to organization `org_((j mod N) mod K)`.
+//! Their ids are `kind-nibble ‖ j` as a UUID. Identity `i` is only ever
+//! given its own channels `i` and `N+i`; each organization `o` also has an
+//! identity `anchor-o`, untouched by the workload, holding mailbox and phone
+//! number `2N+o`: conflicts aim at those, so no two requests ever race for a
+//! free channel (pgbench would abort a client on the unique violation the
+//! service answers as ALREADY_EXISTS).
+
+use std::{
+    collections::BTreeMap,
+    fs,
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+use channel_assignment::{
+    MIGRATOR, auth,
+    proto::{
+        AssignMailboxRequest, AssignPhoneNumberRequest, UnassignMailboxRequest,
+        UnassignPhoneNumberRequest, channel_assignment_client::ChannelAssignmentClient,
+    },
+    store, telemetry,
+};
+use clap::{Args, Parser, Subcommand};
+use tonic::{
+    Request,
+    metadata::{AsciiMetadataValue, MetadataValue},
+    transport::Channel,
+};
+use uuid::Uuid;
+
+#[derive(Parser)]
+#[command(
+    name = "bench",
+    about = "Dataset seeder and load generator for bench/run"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Fill the database (migrated first) with the benchmark dataset.
+    Seed(SeedArgs),
+    /// Send a workload to a running service and report what it sustained.
+    Load(LoadArgs),
+    /// Write pgbench scripts running the service's own statements.
+    PgbenchScripts(ScriptArgs),
+}
+
+#[derive(Args, Clone, Copy)]
+struct Dataset {
+    /// Identities (rounded down to a multiple of --organizations).
+    #[arg(long, default_value_t = 10_000)]
+    identities: u64,
+    #[arg(long, default_value_t = 100)]
+    organizations: u64,
+}
+
+impl Dataset {
+    fn identities(self) -> u64 {
+        (self.identities / self.organizations).max(1) * self.organizations
+    }
+}
+
+#[derive(Args)]
+struct SeedArgs {
+    #[arg(long, env = "DATABASE_URL")]
+    database_url: String,
+    #[command(flatten)]
+    dataset: Dataset,
+}
+
+/// The share of assign requests aimed at a missing channel, or at one that
+/// another identity holds, in thousandths.
+#[derive(Args, Clone, Copy)]
+struct Mix {
+    #[arg(long, default_value_t = 40)]
+    assign_mailbox: u32,
+    #[arg(long, default_value_t = 10)]
+    unassign_mailbox: u32,
+    #[arg(long, default_value_t = 40)]
+    assign_phone_number: u32,
+    #[arg(long, default_value_t = 10)]
+    unassign_phone_number: u32,
+    #[arg(long, default_value_t = 50)]
+    not_found_permille: u64,
+    #[arg(long, default_value_t = 100)]
+    conflict_permille: u64,
+}
+
+#[derive(Args)]
+struct LoadArgs {
+    #[arg(long, default_value = "http://127.0.0.1:50051")]
+    endpoint: String,
+    #[arg(long, env = "AUTH_JWT_HS256_SECRET")]
+    secret: String,
+    #[command(flatten)]
+    dataset: Dataset,
+    #[command(flatten)]
+    mix: Mix,
+    /// Requests in flight at once.
+    #[arg(long, default_value_t = 8)]
+    concurrency: usize,
+    /// HTTP/2 connections they share.
+    #[arg(long, default_value_t = 4)]
+    connections: usize,
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    warmup: Duration,
+    /// One JSON object instead of the table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct ScriptArgs {
+    /// Directory to write the scripts into.
+    #[arg(long)]
+    out: PathBuf,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Operation {
+    AssignMailbox,
+    UnassignMailbox,
+    AssignPhoneNumber,
+    UnassignPhoneNumber,
+}
+
+impl Operation {
+    const ALL: [Self; 4] = [
+        Self::AssignMailbox,
+        Self::UnassignMailbox,
+        Self::AssignPhoneNumber,
+        Self::UnassignPhoneNumber,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Self::AssignMailbox => "assign_mailbox",
+            Self::UnassignMailbox => "unassign_mailbox",
+            Self::AssignPhoneNumber => "assign_phone_number",
+            Self::UnassignPhoneNumber => "unassign_phone_number",
+        }
+    }
+
+    fn weight(self, mix: &Mix) -> u32 {
+        match self {
+            Self::AssignMailbox => mix.assign_mailbox,
+            Self::UnassignMailbox => mix.unassign_mailbox,
+            Self::AssignPhoneNumber => mix.assign_phone_number,
+            Self::UnassignPhoneNumber => mix.unassign_phone_number,
+        }
+    }
+}
+
+const MAILBOX_NIBBLE: u128 = 1;
+const PHONE_NUMBER_NIBBLE: u128 = 2;
+
+fn channel_uuid(nibble: u128, index: u64) -> Uuid {
+    Uuid::from_u128((nibble << 124) | u128::from(index))
+}
+
+/// SplitMix64: small, fast, good enough to spread picks; no RNG crate.
+struct Dice(u64);
+
+impl Dice {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    fn below(&mut self, bound: u64) -> u64 {
+        self.next() % bound
+    }
+}
+
+/// The identity and channel one assign request names; the same rule as the
+/// pgbench scripts' `\set` lines.
+fn pick(dice: &mut Dice, dataset: Dataset, mix: &Mix) -> (u64, u64) {
+    let n = dataset.identities();
+    let identity = dice.below(n);
+    let roll = dice.below(1000) + 1;
+    let channel = if roll <= mix.not_found_permille {
+        3 * n + identity
+    } else if roll <= mix.not_found_permille + mix.conflict_permille {
+        2 * n + identity % dataset.organizations
+    } else {
+        identity + dice.below(2) * n
+    };
+    (identity, channel)
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    telemetry::init(channel_assignment::config::LogFormat::Text, None)?;
+    match cli.command {
+        Command::Seed(args) => seed(args).await,
+        Command::Load(args) => load(args).await,
+        Command::PgbenchScripts(args) => pgbench_scripts(&args),
+    }
+}
+
+async fn seed(args: SeedArgs) -> anyhow::Result<()> {
+    let pool = sqlx::PgPool::connect(&args.database_url)
+        .await
+        .context("cannot connect")?;
+    MIGRATOR.run(&pool).await?;
+    let (n, k) = (
+        i64::try_from(args.dataset.identities())?,
+        i64::try_from(args.dataset.organizations)?,
+    );
+    let started = Instant::now();
+    // Server-side generation: one statement per table, no row leaves the
+    // database, faster than COPY from a client.
+    sqlx::query("TRUNCATE identities, mailboxes, phone_numbers")
+        .execute(&pool)
+        .await?;
+    sqlx::query(
+        "INSERT INTO mailboxes (organization_id, id, email_address, display_name)
+         SELECT 'org_' || ((j % $1) % $2), ('1' || lpad(to_hex(j), 31, '0'))::uuid,
+                'agent' || j || '@bench.example', 'Mailbox ' || j
+         FROM generate_series(0::bigint, 2 * $1 + $2 - 1) AS j",
+    )
+    .bind(n)
+    .bind(k)
+    .execute(&pool)
+    .await?;
+    sqlx::query(
+        "INSERT INTO phone_numbers (organization_id, id, number)
+         SELECT 'org_' || ((j % $1) % $2), ('2' || lpad(to_hex(j), 31, '0'))::uuid,
+                '+1' || (2000000000 + j)::text
+         FROM generate_series(0::bigint, 2 * $1 + $2 - 1) AS j",
+    )
+    .bind(n)
+    .bind(k)
+    .execute(&pool)
+    .await?;
+    sqlx::query(
+        "INSERT INTO identities (organization_id, id, agent_handle, display_name, mailbox_id)
+         SELECT 'org_' || (i % $2), ('3' || lpad(to_hex(i), 31, '0'))::uuid,
+                'agent-' || i, 'Agent ' || i, ('1' || lpad(to_hex(i), 31, '0'))::uuid
+         FROM generate_series(0::bigint, $1 - 1) AS i",
+    )
+    .bind(n)
+    .bind(k)
+    .execute(&pool)
+    .await?;
+    sqlx::query(
+        "INSERT INTO identities (organization_id, agent_handle, mailbox_id, phone_number_id)
+         SELECT 'org_' || o, 'anchor-' || o,
+                ('1' || lpad(to_hex(2 * $1 + o), 31, '0'))::uuid,
+                ('2' || lpad(to_hex(2 * $1 + o), 31, '0'))::uuid
+         FROM generate_series(0::bigint, $2 - 1) AS o",
+    )
+    .bind(n)
+    .bind(k)
+    .execute(&pool)
+    .await?;
+    sqlx::query("VACUUM ANALYZE identities, mailboxes, phone_numbers")
+        .execute(&pool)
+        .await?;
+    eprintln!(
+        "seeded {n} identities, {} mailboxes, {} phone numbers in {k} organizations in {:.1?}",
+        2 * n,
+        2 * n,
+        started.elapsed()
+    );
+    Ok(())
+}
+
+#[derive(Default)]
+struct Tally {
+    latencies_us: Vec<u32>,
+    codes: BTreeMap<&'static str, u64>,
+}
+
+async fn load(args: LoadArgs) -> anyhow::Result<()> {
+    let dataset = args.dataset;
+    let mix = args.mix;
+    let operations: Vec<Operation> = Operation::ALL
+        .into_iter()
+        .flat_map(|op| std::iter::repeat_n(op, op.weight(&mix) as usize))
+        .collect();
+    anyhow::ensure!(!operations.is_empty(), "the mix has no weight");
+    // One token per organization, parsed into metadata once.
+    let tokens: Arc<Vec<AsciiMetadataValue>> = Arc::new(
+        (0..dataset.organizations)
+            .map(|org| {
+                let token = auth::mint_hs256_token(
+                    &args.secret,
+                    &format!("org_{org}"),
+                    Duration::from_secs(3600),
+                    None,
+                    None,
+                )?;
+                Ok(MetadataValue::try_from(format!("Bearer {token}"))?)
+            })
+            .collect::<anyhow::Result<_>>()?,
+    );
+    let mut channels = Vec::new();
+    for _ in 0..args.connections.max(1) {
+        channels.push(
+            Channel::from_shared(args.endpoint.clone())?
+                .tcp_nodelay(true)
+                .connect()
+                .await
+                .context("cannot connect to the service")?,
+        );
+    }
+
+    let warm_until = Instant::now() + args.warmup;
+    let stop_at = warm_until + args.duration;
+    let cpu_before = process_cpu_seconds();
+    let mut tasks = Vec::new();
+    for task in 0..args.concurrency {
+        let mut client = ChannelAssignmentClient::new(channels[task % channels.len()].clone());
+        let tokens = Arc::clone(&tokens);
+        let operations = operations.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut dice = Dice(0x5EED ^ (task as u64) << 32);
+            let mut tally = Tally::default();
+            loop {
+                let now = Instant::now();
+                if now >= stop_at {
+                    return tally;
+                }
+                let operation = operations[dice.below(operations.len() as u64) as usize];
+                let (identity, channel) = pick(&mut dice, dataset, &mix);
+                let token = tokens[(identity % dataset.organizations) as usize].clone();
+                let handle = format!("agent-{identity}");
+                let started = Instant::now();
+                let code = send(&mut client, operation, handle, channel, token).await;
+                if started >= warm_until {
+                    let micros = started.elapsed().as_micros();
+                    tally
+                        .latencies_us
+                        .push(u32::try_from(micros).unwrap_or(u32::MAX));
+                    *tally.codes.entry(code).or_default() += 1;
+                }
+            }
+        }));
+    }
+    let mut total = Tally::default();
+    for task in tasks {
+        let tally = task.await?;
+        total.latencies_us.extend(tally.latencies_us);
+        for (code, count) in tally.codes {
+            *total.codes.entry(code).or_default() += count;
+        }
+    }
+    let cpu_seconds = process_cpu_seconds() - cpu_before;
+    report(&args, total, cpu_seconds);
+    Ok(())
+}
+
+async fn send(
+    client: &mut ChannelAssignmentClient<Channel>,
+    operation: Operation,
+    handle: String,
+    channel: u64,
+    token: AsciiMetadataValue,
+) -> &'static str {
+    fn authorized<T>(message: T, token: AsciiMetadataValue) -> Request<T> {
+        let mut request = Request::new(message);
+        request.metadata_mut().insert("authorization", token);
+        request
+    }
+    let result = match operation {
+        Operation::AssignMailbox => client
+            .assign_mailbox(authorized(
+                AssignMailboxRequest {
+                    agent_handle: handle,
+                    mailbox_id: channel_uuid(MAILBOX_NIBBLE, channel).to_string(),
+                },
+                token,
+            ))
+            .await
+            .map(drop),
+        Operation::UnassignMailbox => client
+            .unassign_mailbox(authorized(
+                UnassignMailboxRequest {
+                    agent_handle: handle,
+                },
+                token,
+            ))
+            .await
+            .map(drop),
+        Operation::AssignPhoneNumber => client
+            .assign_phone_number(authorized(
+                AssignPhoneNumberRequest {
+                    agent_handle: handle,
+                    phone_number_id: channel_uuid(PHONE_NUMBER_NIBBLE, channel).to_string(),
+                },
+                token,
+            ))
+            .await
+            .map(drop),
+        Operation::UnassignPhoneNumber => client
+            .unassign_phone_number(authorized(
+                UnassignPhoneNumberRequest {
+                    agent_handle: handle,
+                },
+                token,
+            ))
+            .await
+            .map(drop),
+    };
+    match result {
+        Ok(()) => "OK",
+        Err(status) => telemetry::code_name(status.code()),
+    }
+}
+
+/// CPU time this process has used (user + system), from /proc.
+fn process_cpu_seconds() -> f64 {
+    let Ok(stat) = fs::read_to_string("/proc/self/stat") else {
+        return 0.0;
+    };
+    // Fields after the command name, which ends with ')'.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks = |index: usize| {
+        fields
+            .get(index)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // utime and stime are fields 14 and 15 of stat, 12 and 13 after the name.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+fn percentile(sorted: &[u32], fraction: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let rank = ((sorted.len() as f64 * fraction).ceil() as usize).clamp(1, sorted.len());
+    f64::from(sorted[rank - 1]) / 1000.0
+}
+
+fn report(args: &LoadArgs, mut total: Tally, client_cpu_seconds: f64) {
+    total.latencies_us.sort_unstable();
+    let requests = total.latencies_us.len();
+    let seconds = args.duration.as_secs_f64();
+    let rps = requests as f64 / seconds;
+    let (p50, p90, p99) = (
+        percentile(&total.latencies_us, 0.50),
+        percentile(&total.latencies_us, 0.90),
+        percentile(&total.latencies_us, 0.99),
+    );
+    let max = total
+        .latencies_us
+        .last()
+        .map_or(0.0, |m| f64::from(*m) / 1000.0);
+    let client_cpu_us_per_request = client_cpu_seconds * 1e6 / requests.max(1) as f64;
+    if args.json {
+        let codes: serde_json::Map<String, serde_json::Value> = total
+            .codes
+            .iter()
+            .map(|(code, count)| ((*code).to_owned(), (*count).into()))
+            .collect();
+        println!(
+            "{}",
+            serde_json::json!({
+                "concurrency": args.concurrency,
+                "identities": args.dataset.identities(),
+                "duration_s": seconds,
+                "requests": requests,
+                "rps": rps,
+                "p50_ms": p50, "p90_ms": p90, "p99_ms": p99, "max_ms": max,
+                "codes": codes,
+                "client_cpu_us_per_request": client_cpu_us_per_request,
+            })
+        );
+    } else {
+        println!(
+            "{requests} requests in {seconds:.1} s at C={}: {rps:.0} rps, p50 {p50:.2} ms, \
+             p90 {p90:.2} ms, p99 {p99:.2} ms, max {max:.2} ms, codes {:?}, \
+             load generator CPU {client_cpu_us_per_request:.1} µs/request",
+            args.concurrency, total.codes
+        );
+    }
+}
+
+/// The service's statements with pgbench variables for its parameters, and
+/// the same picks as `pick`. Run with `-M prepared`, like sqlx.
+fn pgbench_scripts(args: &ScriptArgs) -> anyhow::Result<()> {
+    fs::create_dir_all(&args.out)?;
+    let picks = r"\set identity random(0, :n - 1)
+\set org :identity % :k
+\set roll random(1, 1000)
+\set channel :identity + random(0, 1) * :n
+\if :roll <= :not_found
+\set channel 3 * :n + :identity
+\elif :roll <= :not_found + :conflict
+\set channel 2 * :n + :org
+\endif
+";
+    let identity_only = "\\set identity random(0, :n - 1)\n\\set org :identity % :k\n";
+    let organization = "('org_' || :org)";
+    let handle = "('agent-' || :identity)";
+    let seconds_left = "5.0::float8";
+    for operation in Operation::ALL {
+        let script = match operation {
+            Operation::AssignMailbox | Operation::AssignPhoneNumber => {
+                let (sql, nibble) = if operation == Operation::AssignMailbox {
+                    (store::ASSIGN_MAILBOX, '1')
+                } else {
+                    (store::ASSIGN_PHONE_NUMBER, '2')
+                };
+                let channel =
+                    format!("('{nibble}' || lpad(to_hex(:channel::bigint), 31, '0'))::uuid");
+                let sql = sql
+                    .replace("$4", seconds_left)
+                    .replace("$3", &channel)
+                    .replace("$2", handle)
+                    .replace("$1", organization);
+                format!("{picks}{};\n", one_line(&sql))
+            }
+            Operation::UnassignMailbox | Operation::UnassignPhoneNumber => {
+                let sql = if operation == Operation::UnassignMailbox {
+                    store::UNASSIGN_MAILBOX
+                } else {
+                    store::UNASSIGN_PHONE_NUMBER
+                };
+                let sql = sql
+                    .replace("$3", seconds_left)
+                    .replace("$2", handle)
+                    .replace("$1", organization);
+                format!("{identity_only}{};\n", one_line(&sql))
+            }
+        };
+        fs::write(args.out.join(format!("{}.sql", operation.name())), script)?;
+    }
+    Ok(())
+}
+
+/// pgbench reads one SQL command per line (a command may continue only after
+/// a backslash), so the statement goes on one line.
+fn one_line(sql: &str) -> String {
+    sql.split_whitespace().collect::<Vec<_>>().join(" ")
+}
