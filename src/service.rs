@@ -41,7 +41,6 @@ impl ChannelAssignmentService {
         raw_channel_id: &str,
     ) -> Result<proto::Identity, ServiceError> {
         let organization = caller(organization)?.clone();
-        let permit = self.admit()?;
         let mut violations = Vec::new();
         let handle = parse_handle(raw_handle, &mut violations);
         let channel = ChannelId::parse(kind, raw_channel_id)
@@ -55,6 +54,7 @@ impl ChannelAssignmentService {
         let (Some(handle), Some(channel)) = (handle, channel) else {
             return Err(ServiceError::InvalidArgument(violations));
         };
+        let permit = self.admit()?;
         let budget = self.budget(metadata);
         let store = self.store.clone();
         let work = async move {
@@ -74,11 +74,11 @@ impl ChannelAssignmentService {
         raw_handle: &str,
     ) -> Result<(), ServiceError> {
         let organization = caller(organization)?.clone();
-        let permit = self.admit()?;
         let mut violations = Vec::new();
         let Some(handle) = parse_handle(raw_handle, &mut violations) else {
             return Err(ServiceError::InvalidArgument(violations));
         };
+        let permit = self.admit()?;
         let budget = self.budget(metadata);
         let store = self.store.clone();
         let work = async move {
@@ -89,8 +89,9 @@ impl ChannelAssignmentService {
         within(budget, permit, work).await
     }
 
-    /// Takes a place among the requests in flight, or sheds this one at once:
-    /// queueing without bound only turns overload into timeouts for everyone.
+    /// Takes a place among the requests doing database work, or sheds this
+    /// one at once: queueing without bound only turns overload into timeouts
+    /// for everyone.
     fn admit(&self) -> Result<OwnedSemaphorePermit, ServiceError> {
         Arc::clone(&self.capacity)
             .try_acquire_owned()
