@@ -18,7 +18,7 @@ use tonic_health::pb::{
 use uuid::Uuid;
 
 use crate::helpers::*;
-use crate::load::{Load, code_counts, seed_workers, verify};
+use crate::load::{Load, assert_all_served_after, ok_or_unavailable_only, seed_workers, verify};
 use crate::proxy::Proxy;
 
 /// The service as in production (its own pool, `application_name`,
@@ -103,13 +103,7 @@ async fn a_database_outage_fails_fast_and_heals_by_itself(pool: PgPool) {
     tokio::time::sleep(Duration::from_millis(700)).await;
     let workers = load.stop().await;
 
-    let codes = code_counts(&workers);
-    for (code, _) in &codes {
-        assert!(
-            matches!(code, Code::Ok | Code::Unavailable),
-            "unexpected {code:?} in {codes:?}"
-        );
-    }
+    let codes = ok_or_unavailable_only(&workers);
     let outage: Vec<_> = workers
         .iter()
         .flat_map(|w| &w.outcomes)
@@ -121,16 +115,7 @@ async fn a_database_outage_fails_fast_and_heals_by_itself(pool: PgPool) {
         slowest_failure <= request_timeout,
         "failures are bounded by the request timeout, not hung: {slowest_failure:?}"
     );
-    for worker in &workers {
-        assert!(
-            worker
-                .outcomes
-                .iter()
-                .any(|o| o.code == Code::Ok && o.finished > restored_at),
-            "{} recovered without a restart",
-            worker.handle
-        );
-    }
+    assert_all_served_after(&workers, restored_at, "the restore (no restart)");
     let verdict = verify(&pool, &workers).await;
     drop(health);
     app.stop().await;
@@ -170,24 +155,13 @@ async fn connections_killed_mid_statement_are_mapped_and_the_pool_heals(pool: Pg
     tokio::time::sleep(Duration::from_millis(700)).await;
     let workers = load.stop().await;
 
-    let codes = code_counts(&workers);
-    for (code, _) in &codes {
-        assert!(
-            matches!(code, Code::Ok | Code::Unavailable),
-            "unexpected {code:?} in {codes:?}"
-        );
-    }
+    let codes = ok_or_unavailable_only(&workers);
     assert!(killed > 0, "connections were killed");
-    for worker in &workers {
-        assert!(
-            worker
-                .outcomes
-                .iter()
-                .any(|o| o.code == Code::Ok && o.finished > stopped_killing),
-            "{} is served again: the pool healed",
-            worker.handle
-        );
-    }
+    assert_all_served_after(
+        &workers,
+        stopped_killing,
+        "the killing stopped (pool healed)",
+    );
     let verdict = verify(&pool, &workers).await;
     app.stop().await;
     println!(

@@ -206,3 +206,30 @@ pub fn code_counts(workers: &[Worker]) -> Vec<(Code, usize)> {
     }
     counts
 }
+
+/// The codes seen, with counts, after checking that every answer was OK or
+/// UNAVAILABLE: the only ones a fault may cause.
+pub fn ok_or_unavailable_only(workers: &[Worker]) -> Vec<(Code, usize)> {
+    let codes = code_counts(workers);
+    for (code, _) in &codes {
+        assert!(
+            matches!(code, Code::Ok | Code::Unavailable),
+            "unexpected {code:?} in {codes:?}"
+        );
+    }
+    codes
+}
+
+/// Every worker got an OK answer for a request finished after `since`.
+pub fn assert_all_served_after(workers: &[Worker], since: Instant, what: &str) {
+    for worker in workers {
+        assert!(
+            worker
+                .outcomes
+                .iter()
+                .any(|o| o.code == Code::Ok && o.finished > since),
+            "{}: not served again after {what}",
+            worker.handle
+        );
+    }
+}
