@@ -75,8 +75,11 @@ pub struct ServeSettings {
     pub grpc_listen_addr: String,
 
     /// Address of the Prometheus metrics endpoint (plain HTTP, /metrics).
-    #[arg(long, env = "METRICS_LISTEN_ADDR", default_value = "0.0.0.0:9090", value_parser = parse_listen_address)]
-    pub metrics_listen_addr: String,
+    /// Unset, 0.0.0.0:9090 is tried, and if that port is taken the service
+    /// runs without metrics (with a warning) rather than not at all; set, a
+    /// port that cannot be bound stops the start.
+    #[arg(long, env = "METRICS_LISTEN_ADDR", value_parser = parse_listen_address)]
+    pub metrics_listen_addr: Option<String>,
 
     /// Most ChannelAssignment RPCs handled at once; more are refused at once
     /// with RESOURCE_EXHAUSTED instead of queueing. Health is never shed.
@@ -190,7 +193,7 @@ impl ServeSettings {
             },
             auth,
             grpc_listen_addr: "127.0.0.1:0".to_owned(),
-            metrics_listen_addr: "127.0.0.1:0".to_owned(),
+            metrics_listen_addr: Some("127.0.0.1:0".to_owned()),
             max_concurrent_requests: 256,
             keepalive_interval: Duration::from_secs(30),
             max_connection_age: Duration::from_secs(300),

@@ -63,8 +63,8 @@ pub fn lazy_pool(settings: &DatabaseSettings, options: PgConnectOptions) -> PgPo
 pub struct Application {
     listener: TcpListener,
     local_addr: SocketAddr,
-    metrics_listener: TcpListener,
-    metrics_addr: SocketAddr,
+    metrics_listener: Option<TcpListener>,
+    metrics_addr: Option<SocketAddr>,
     metrics: Arc<Metrics>,
     settings: ServeSettings,
     authenticator: Arc<Authenticator>,
@@ -79,10 +79,11 @@ impl Application {
             .await
             .with_context(|| format!("cannot listen on {}", settings.grpc_listen_addr))?;
         let local_addr = listener.local_addr()?;
-        let metrics_listener = TcpListener::bind(settings.metrics_listen_addr.as_str())
-            .await
-            .with_context(|| format!("cannot listen on {}", settings.metrics_listen_addr))?;
-        let metrics_addr = metrics_listener.local_addr()?;
+        let metrics_listener = bind_metrics(settings.metrics_listen_addr.as_deref()).await?;
+        let metrics_addr = metrics_listener
+            .as_ref()
+            .map(TcpListener::local_addr)
+            .transpose()?;
         let metrics = Metrics::new(settings.database.database_max_connections);
         Ok(Self {
             listener,
@@ -100,7 +101,8 @@ impl Application {
         self.local_addr
     }
 
-    pub fn metrics_addr(&self) -> SocketAddr {
+    /// Where metrics are served; `None` when the default port was taken.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
         self.metrics_addr
     }
 
@@ -158,19 +160,23 @@ impl Application {
 
         // Metrics stay up through the drain, and stop with the gRPC server.
         let (stop_metrics, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
-        let metrics_server = axum::serve(
-            metrics_listener,
-            crate::metrics::router(Arc::clone(&metrics), store.pool().clone()),
-        )
-        .with_graceful_shutdown(async {
-            let _ = metrics_stopped.await;
+        let metrics_task = metrics_listener.map(|metrics_listener| {
+            let metrics_server = axum::serve(
+                metrics_listener,
+                crate::metrics::router(Arc::clone(&metrics), store.pool().clone()),
+            )
+            .with_graceful_shutdown(async {
+                let _ = metrics_stopped.await;
+            });
+            tokio::spawn(async move {
+                if let Err(error) = metrics_server.await {
+                    tracing::error!(%error, "metrics endpoint failed");
+                }
+            })
         });
-        let metrics_task = tokio::spawn(async move {
-            if let Err(error) = metrics_server.await {
-                tracing::error!(%error, "metrics endpoint failed");
-            }
-        });
-        tracing::info!(address = %metrics_addr, "serving metrics");
+        if let Some(address) = metrics_addr {
+            tracing::info!(%address, "serving metrics");
+        }
 
         let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
         let (drain_started, mut drain_started_rx) = watch::channel(false);
@@ -218,10 +224,38 @@ impl Application {
             }
         }
         let _ = stop_metrics.send(());
-        let _ = metrics_task.await;
+        if let Some(metrics_task) = metrics_task {
+            let _ = metrics_task.await;
+        }
         store.pool().close().await;
         tracing::info!("stopped");
         Ok(())
+    }
+}
+
+/// Where metrics are served when METRICS_LISTEN_ADDR is not set.
+pub const DEFAULT_METRICS_LISTEN_ADDR: &str = "0.0.0.0:9090";
+
+/// Binds the metrics listener. A configured address must be bound; the
+/// default one is best effort, so that a taken port 9090 (another instance,
+/// another program) does not keep the service itself from starting.
+async fn bind_metrics(configured: Option<&str>) -> anyhow::Result<Option<TcpListener>> {
+    if let Some(address) = configured {
+        let listener = TcpListener::bind(address)
+            .await
+            .with_context(|| format!("cannot listen on {address} (METRICS_LISTEN_ADDR)"))?;
+        return Ok(Some(listener));
+    }
+    match TcpListener::bind(DEFAULT_METRICS_LISTEN_ADDR).await {
+        Ok(listener) => Ok(Some(listener)),
+        Err(error) => {
+            tracing::warn!(
+                %error,
+                address = DEFAULT_METRICS_LISTEN_ADDR,
+                "metrics port taken: serving without metrics (set METRICS_LISTEN_ADDR to choose one)"
+            );
+            Ok(None)
+        }
     }
 }
 

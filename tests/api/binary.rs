@@ -288,3 +288,36 @@ async fn sigterm_under_load_completes_what_it_accepted_and_exits_zero(pool: PgPo
         verdict.requests
     );
 }
+
+#[sqlx::test]
+async fn a_taken_default_metrics_port_does_not_stop_the_service(pool: PgPool) {
+    // Hold the default port, if nothing else does already.
+    let _holder = std::net::TcpListener::bind("0.0.0.0:9090");
+    let mut child = command(&pool)
+        .arg("serve")
+        .env_remove("METRICS_LISTEN_ADDR")
+        .env("AUTH_JWT_HS256_SECRET", SECRET)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starts");
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut warned = false;
+    let served = tokio::time::timeout(Duration::from_secs(20), async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            let entry: serde_json::Value = serde_json::from_str(&line).expect("JSON logs");
+            let message = entry["message"].as_str().unwrap_or_default();
+            warned |= message.starts_with("metrics port taken");
+            if message == "serving gRPC" {
+                return true;
+            }
+        }
+        false
+    })
+    .await
+    .expect("starts in time");
+
+    assert!(served, "the service serves without its metrics port");
+    assert!(warned, "and says why metrics are missing");
+    child.kill().await.unwrap();
+}

@@ -50,7 +50,9 @@ pub async fn spawn_app_with_settings(pool: PgPool, settings: ServeSettings) -> T
         .await
         .expect("the application builds");
     let address = application.local_addr();
-    let metrics_addr = application.metrics_addr();
+    let metrics_addr = application
+        .metrics_addr()
+        .expect("test settings name a metrics address");
     let (shutdown, shutdown_rx) = oneshot::channel::<()>();
     // Only `stop` shuts the server down: dropping a TestApp must not close
     // the pool it shares with the test.
