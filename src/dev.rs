@@ -5,7 +5,7 @@ use std::{future::Future, net::SocketAddr, time::Duration};
 use anyhow::Context as _;
 use sqlx::{PgPool, Postgres, migrate::MigrateDatabase as _};
 
-use crate::{MIGRATOR, auth, config::ServeSettings, startup};
+use crate::{MIGRATOR, auth, config::ServeSettings, database::Database, startup};
 
 /// The machine's local PostgreSQL (trust auth), a database of our own.
 pub const DEFAULT_DEV_DATABASE_URL: &str =
@@ -71,7 +71,7 @@ pub async fn run(
     let options = startup::connect_options(&url, settings.request_timeout)?;
     let application = startup::Application::build(
         settings.clone(),
-        startup::lazy_pool(&settings.database, options),
+        Database::new(options, &settings.database)?,
     )
     .await?;
     print_walkthrough(&reachable(application.local_addr()), &token);

@@ -3,6 +3,7 @@
 
 pub mod auth;
 pub mod config;
+pub mod database;
 pub mod dev;
 pub mod domain;
 pub mod error;

@@ -4,6 +4,7 @@ use anyhow::Context as _;
 use channel_assignment::{
     MIGRATOR, auth,
     config::{Cli, Command, DatabaseSettings},
+    database::Database,
     dev, startup, telemetry,
 };
 use clap::Parser as _;
@@ -50,8 +51,8 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Serve(settings) => {
             let url = required_database_url(&settings.database)?;
             let options = startup::connect_options(url, settings.request_timeout)?;
-            let pool = startup::lazy_pool(&settings.database, options);
-            let application = startup::Application::build(settings, pool).await?;
+            let database = Database::new(options, &settings.database)?;
+            let application = startup::Application::build(settings, database).await?;
             application.run(shutdown_signal()).await
         }
         Command::Dev(settings) => dev::run(settings, shutdown_signal()).await,

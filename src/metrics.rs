@@ -15,7 +15,8 @@ use prometheus_client::{
     },
     registry::Registry,
 };
-use sqlx::PgPool;
+
+use crate::database::Database;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RpcLabels {
@@ -159,10 +160,12 @@ impl Metrics {
     }
 
     /// The text exposition, with the pool's gauges read now.
-    pub fn render(&self, pool: &PgPool) -> String {
-        self.pool_connections.set(i64::from(pool.size()));
+    pub fn render(&self, database: &Database) -> String {
+        let pool = database.status();
+        self.pool_connections
+            .set(i64::try_from(pool.connections).unwrap_or(i64::MAX));
         self.pool_idle
-            .set(i64::try_from(pool.num_idle()).unwrap_or(i64::MAX));
+            .set(i64::try_from(pool.idle).unwrap_or(i64::MAX));
         let mut text = String::new();
         // Writing into a String cannot fail.
         let _ = encode(&mut text, &self.registry);
@@ -188,7 +191,7 @@ impl Drop for WaitingForConnection {
 }
 
 /// The `/metrics` endpoint.
-pub fn router(metrics: Arc<Metrics>, pool: PgPool) -> axum::Router {
+pub fn router(metrics: Arc<Metrics>, database: Database) -> axum::Router {
     axum::Router::new().route(
         "/metrics",
         axum::routing::get(move || async move {
@@ -197,7 +200,7 @@ pub fn router(metrics: Arc<Metrics>, pool: PgPool) -> axum::Router {
                     http::header::CONTENT_TYPE,
                     "application/openmetrics-text; version=1.0.0; charset=utf-8",
                 )],
-                metrics.render(&pool),
+                metrics.render(&database),
             )
         }),
     )

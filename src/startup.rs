@@ -3,16 +3,15 @@
 use std::{future::Future, net::SocketAddr, str::FromStr, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
-use sqlx::{
-    PgPool,
-    postgres::{PgConnectOptions, PgPoolOptions},
-};
+use sqlx::postgres::PgConnectOptions;
 use tokio::{net::TcpListener, sync::watch};
+use tokio_util::task::AbortOnDropHandle;
 use tonic::transport::{Server, server::TcpIncoming};
 use tonic_health::{ServingStatus, server::HealthReporter};
 
 use crate::auth::Authenticator;
-use crate::config::{DatabaseSettings, ServeSettings};
+use crate::config::ServeSettings;
+use crate::database::Database;
 use crate::metrics::Metrics;
 use crate::proto::channel_assignment_server::ChannelAssignmentServer;
 use crate::service::ChannelAssignmentService;
@@ -43,21 +42,17 @@ pub fn connect_options(
     database_url: &str,
     statement_timeout: Duration,
 ) -> anyhow::Result<PgConnectOptions> {
-    let statement_timeout_ms = statement_timeout.as_millis().to_string();
-    Ok(PgConnectOptions::from_str(database_url)
-        .context("DATABASE_URL is not a valid PostgreSQL connection string")?
-        .application_name("channel-assignment")
-        .options([("statement_timeout", statement_timeout_ms.as_str())]))
+    let options = PgConnectOptions::from_str(database_url)
+        .context("DATABASE_URL is not a valid PostgreSQL connection string")?;
+    Ok(service_options(options, statement_timeout))
 }
 
-/// A pool that connects lazily: the service starts (and reports NOT_SERVING)
-/// while the database is down, and recovers by itself when it returns.
-pub fn lazy_pool(settings: &DatabaseSettings, options: PgConnectOptions) -> PgPool {
-    PgPoolOptions::new()
-        .max_connections(settings.database_max_connections)
-        .acquire_timeout(settings.database_acquire_timeout)
-        .idle_timeout(Duration::from_secs(300))
-        .connect_lazy_with(options)
+/// `options` with what the service sets on each of its sessions.
+pub fn service_options(options: PgConnectOptions, statement_timeout: Duration) -> PgConnectOptions {
+    let statement_timeout_ms = statement_timeout.as_millis().to_string();
+    options
+        .application_name("channel-assignment")
+        .options([("statement_timeout", statement_timeout_ms.as_str())])
 }
 
 pub struct Application {
@@ -73,7 +68,7 @@ pub struct Application {
 
 impl Application {
     /// Checks the settings and binds the listener; serving starts with `run`.
-    pub async fn build(settings: ServeSettings, pool: PgPool) -> anyhow::Result<Self> {
+    pub async fn build(settings: ServeSettings, database: Database) -> anyhow::Result<Self> {
         let authenticator = Arc::new(Authenticator::from_settings(&settings.auth)?);
         let listener = TcpListener::bind(settings.grpc_listen_addr.as_str())
             .await
@@ -90,7 +85,7 @@ impl Application {
             local_addr,
             metrics_listener,
             metrics_addr,
-            store: Store::new(pool, Arc::clone(&metrics)),
+            store: Store::new(database, Arc::clone(&metrics)),
             metrics,
             settings,
             authenticator,
@@ -130,11 +125,13 @@ impl Application {
         health_reporter
             .set_service_status(LIVENESS, ServingStatus::Serving)
             .await;
-        let monitor = tokio::spawn(monitor_database(
+        // Background tasks end with `run`, even if its future is dropped.
+        let monitor = AbortOnDropHandle::new(tokio::spawn(monitor_database(
             store.clone(),
             health_reporter.clone(),
             settings.health_check_interval,
-        ));
+            settings.database.database_acquire_timeout,
+        )));
 
         let reflection_v1 = reflection_builder().build_v1()?;
         let reflection_v1alpha = reflection_builder().build_v1alpha()?;
@@ -163,16 +160,16 @@ impl Application {
         let metrics_task = metrics_listener.map(|metrics_listener| {
             let metrics_server = axum::serve(
                 metrics_listener,
-                crate::metrics::router(Arc::clone(&metrics), store.pool().clone()),
+                crate::metrics::router(Arc::clone(&metrics), store.database().clone()),
             )
             .with_graceful_shutdown(async {
                 let _ = metrics_stopped.await;
             });
-            tokio::spawn(async move {
+            AbortOnDropHandle::new(tokio::spawn(async move {
                 if let Err(error) = metrics_server.await {
                     tracing::error!(%error, "metrics endpoint failed");
                 }
-            })
+            }))
         });
         if let Some(address) = metrics_addr {
             tracing::info!(%address, "serving metrics");
@@ -227,7 +224,7 @@ impl Application {
         if let Some(metrics_task) = metrics_task {
             let _ = metrics_task.await;
         }
-        store.pool().close().await;
+        store.database().close().await;
         tracing::info!("stopped");
         Ok(())
     }
@@ -268,30 +265,50 @@ fn reflection_builder() -> tonic_reflection::server::Builder<'static> {
 }
 
 /// Follows the database's availability in the health service.
-async fn monitor_database(store: Store, reporter: HealthReporter, interval: Duration) {
-    let mut was_serving = None;
+///
+/// A check that takes longer than an interval is reported NOT_SERVING at
+/// once, but is let finish (up to `check_timeout`) rather than restarted:
+/// opening a connection on a busy machine can take longer than an interval,
+/// and a check cut short every time would never see the database again.
+async fn monitor_database(
+    store: Store,
+    reporter: HealthReporter,
+    interval: Duration,
+    check_timeout: Duration,
+) {
+    let mut reported = None;
     loop {
-        // A check that hangs counts as a failure, and no later than one interval.
-        let serving = matches!(
-            tokio::time::timeout(interval, store.ping()).await,
-            Ok(Ok(()))
-        );
-        if was_serving != Some(serving) {
-            if serving {
-                tracing::info!("database reachable: SERVING");
-            } else {
-                tracing::warn!("database unreachable: NOT_SERVING");
+        let check = tokio::time::timeout(check_timeout.max(interval), store.database().ping());
+        tokio::pin!(check);
+        let serving = match tokio::time::timeout(interval, &mut check).await {
+            Ok(checked) => matches!(checked, Ok(Ok(()))),
+            Err(_slow) => {
+                report_database(&reporter, &mut reported, false).await;
+                matches!(check.await, Ok(Ok(())))
             }
-            let status = if serving {
-                ServingStatus::Serving
-            } else {
-                ServingStatus::NotServing
-            };
-            for name in DATABASE_DEPENDENT_SERVICES {
-                reporter.set_service_status(name, status).await;
-            }
-            was_serving = Some(serving);
-        }
+        };
+        report_database(&reporter, &mut reported, serving).await;
+        store.database().close_idle().await;
         tokio::time::sleep(interval).await;
     }
+}
+
+async fn report_database(reporter: &HealthReporter, reported: &mut Option<bool>, serving: bool) {
+    if *reported == Some(serving) {
+        return;
+    }
+    if serving {
+        tracing::info!("database reachable: SERVING");
+    } else {
+        tracing::warn!("database unreachable: NOT_SERVING");
+    }
+    let status = if serving {
+        ServingStatus::Serving
+    } else {
+        ServingStatus::NotServing
+    };
+    for name in DATABASE_DEPENDENT_SERVICES {
+        reporter.set_service_status(name, status).await;
+    }
+    *reported = Some(serving);
 }

@@ -4,13 +4,12 @@
 
 use std::sync::Arc;
 
-use sqlx::{Postgres, pool::PoolConnection};
 use tokio::time::Instant;
 
 use chrono::{DateTime, Utc};
-use sqlx::PgPool;
 use uuid::Uuid;
 
+use crate::database::{self, Database, Lease};
 use crate::domain::{AgentHandle, ChannelId, ChannelKind, OrganizationId};
 use crate::error::{DatabaseErrorClass, ServiceError};
 use crate::metrics::Metrics;
@@ -184,27 +183,28 @@ pub const UNASSIGN_MAILBOX: &str = unassign_statement!("mailbox_id");
 pub const UNASSIGN_PHONE_NUMBER: &str = unassign_statement!("phone_number_id");
 
 /// How often an operation is tried when a concurrent change got in its way
-/// (a serialization failure, a deadlock, or a row changed under the update).
+/// (a serialization failure, a deadlock, or a row changed under the update),
+/// or PostgreSQL ended the session in place of an answer.
 const MAX_ATTEMPTS: u32 = 3;
 
 #[derive(Clone)]
 pub struct Store {
-    pool: PgPool,
+    database: Database,
     metrics: Arc<Metrics>,
 }
 
 impl Store {
-    pub fn new(pool: PgPool, metrics: Arc<Metrics>) -> Self {
-        Self { pool, metrics }
+    pub fn new(database: Database, metrics: Arc<Metrics>) -> Self {
+        Self { database, metrics }
     }
 
     /// A connection from the pool, counting the wait in the metrics. Failing
     /// to get one, whatever the reason sqlx gives, means the database cannot
     /// be reached now.
-    async fn connection(&self) -> Result<PoolConnection<Postgres>, ServiceError> {
+    async fn connection(&self) -> Result<Lease, ServiceError> {
         let _waiting = self.metrics.waiting_for_connection();
         let started = Instant::now();
-        let connection = self.pool.acquire().await;
+        let connection = self.database.connection().await;
         self.metrics.connection_acquired(started.elapsed());
         connection.map_err(|error| {
             self.metrics
@@ -213,20 +213,18 @@ impl Store {
         })
     }
 
-    /// Counts a database error by kind before it is interpreted.
-    fn observed(&self, error: sqlx::Error) -> sqlx::Error {
-        self.metrics
-            .database_error(DatabaseErrorClass::of(&error).label());
-        error
+    pub fn database(&self) -> &Database {
+        &self.database
     }
 
-    pub fn pool(&self) -> &PgPool {
-        &self.pool
-    }
-
-    /// Whether the database answers; drives the health service.
-    pub async fn ping(&self) -> Result<(), sqlx::Error> {
-        sqlx::query("SELECT 1").execute(&self.pool).await.map(drop)
+    /// Gives the connection back after a statement (see `Lease::settle`),
+    /// counting a failure by kind.
+    fn settle<T>(&self, lease: Lease, result: Result<T, sqlx::Error>) -> Result<T, sqlx::Error> {
+        if let Err(error) = &result {
+            self.metrics
+                .database_error(DatabaseErrorClass::of(error).label());
+        }
+        lease.settle(result)
     }
 
     #[tracing::instrument(name = "store.assign", skip_all, fields(kind = ?kind))]
@@ -242,23 +240,23 @@ impl Store {
             ChannelKind::Mailbox => ASSIGN_MAILBOX,
             ChannelKind::PhoneNumber => ASSIGN_PHONE_NUMBER,
         };
-        let mut connection = self.connection().await?;
         let mut attempt = 1;
         loop {
+            let mut lease = self.connection().await?;
             let result = sqlx::query_as::<_, AssignRow>(statement)
                 .bind(organization.as_str())
                 .bind(handle.as_str())
                 .bind(channel.as_uuid())
                 .bind(remaining_seconds(deadline))
-                .fetch_one(&mut *connection)
+                .fetch_one(lease.connection())
                 .await;
-            let outcome = match result {
+            let outcome = match self.settle(lease, result) {
                 Ok(row) => row.outcome(handle, kind, channel),
-                Err(error) => Err(assign_error(self.observed(error), kind, channel)),
+                Err(error) => Err(assign_error(error, kind, channel)),
             };
             match outcome {
                 Err(ServiceError::Unavailable(ref error))
-                    if is_transient_conflict(error) && attempt < MAX_ATTEMPTS => {}
+                    if worth_another_attempt(error) && attempt < MAX_ATTEMPTS => {}
                 Ok(AssignOutcome::Raced) if attempt < MAX_ATTEMPTS => {}
                 Ok(AssignOutcome::Linked(identity)) => return Ok(*identity),
                 Ok(AssignOutcome::Raced) => {
@@ -285,20 +283,19 @@ impl Store {
             ChannelKind::Mailbox => UNASSIGN_MAILBOX,
             ChannelKind::PhoneNumber => UNASSIGN_PHONE_NUMBER,
         };
-        let mut connection = self.connection().await?;
         let mut attempt = 1;
         loop {
+            let mut lease = self.connection().await?;
             let result = sqlx::query_scalar::<_, bool>(statement)
                 .bind(organization.as_str())
                 .bind(handle.as_str())
                 .bind(remaining_seconds(deadline))
-                .fetch_one(&mut *connection)
-                .await
-                .map_err(|error| self.observed(error));
-            match result {
+                .fetch_one(lease.connection())
+                .await;
+            match self.settle(lease, result) {
                 Ok(true) => return Ok(()),
                 Ok(false) => return Err(ServiceError::IdentityNotFound(handle.clone())),
-                Err(error) if is_transient_conflict(&error) && attempt < MAX_ATTEMPTS => {}
+                Err(error) if worth_another_attempt(&error) && attempt < MAX_ATTEMPTS => {}
                 Err(error) => return Err(ServiceError::from_database(error)),
             }
             attempt += 1;
@@ -339,8 +336,12 @@ fn remaining_seconds(deadline: Instant) -> f64 {
         .as_secs_f64()
 }
 
-fn is_transient_conflict(error: &sqlx::Error) -> bool {
+/// A serialization failure or deadlock, or a session PostgreSQL ended
+/// before the statement committed: another attempt (on another connection)
+/// can succeed, and cannot apply the change twice.
+fn worth_another_attempt(error: &sqlx::Error) -> bool {
     DatabaseErrorClass::of(error) == DatabaseErrorClass::Conflict
+        || database::session_ended_before_commit(error)
 }
 
 #[derive(sqlx::FromRow)]

@@ -394,7 +394,8 @@ async fn the_server_refuses_to_start_without_a_way_to_authenticate(pool: PgPool)
         hs256_secret: None,
         ..AuthSettings::hs256(SECRET)
     };
-    let error = Application::build(test_settings(nothing), pool.clone())
+    let settings = test_settings(nothing);
+    let error = Application::build(settings.clone(), database_for(&pool, &settings))
         .await
         .err()
         .expect("refused");
@@ -403,16 +404,16 @@ async fn the_server_refuses_to_start_without_a_way_to_authenticate(pool: PgPool)
         "{error}"
     );
 
-    let empty_secret = AuthSettings::hs256("");
+    let empty_secret = test_settings(AuthSettings::hs256(""));
     assert!(
-        Application::build(test_settings(empty_secret), pool.clone())
+        Application::build(empty_secret.clone(), database_for(&pool, &empty_secret))
             .await
             .is_err()
     );
 
-    let missing_key = public_key_auth("no-such-key.pem");
+    let missing_key = test_settings(public_key_auth("no-such-key.pem"));
     assert!(
-        Application::build(test_settings(missing_key), pool)
+        Application::build(missing_key.clone(), database_for(&pool, &missing_key))
             .await
             .is_err()
     );

@@ -5,13 +5,18 @@ use std::{path::PathBuf, time::Duration};
 
 use channel_assignment::{
     config::{AuthSettings, ServeSettings},
+    database::Database,
     proto::{self, Identity, channel_assignment_client::ChannelAssignmentClient},
-    startup::Application,
+    startup::{self, Application},
 };
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use sqlx::PgPool;
 use tokio::{sync::oneshot, task::JoinHandle};
+use tokio_stream::StreamExt as _;
 use tonic::{Code, Request, Status, transport::Channel};
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
 use tonic_types::StatusExt as _;
 use uuid::Uuid;
 
@@ -34,7 +39,7 @@ pub async fn spawn_app(pool: &PgPool) -> TestApp {
 }
 
 pub async fn spawn_app_with(pool: &PgPool, auth: AuthSettings) -> TestApp {
-    spawn_app_with_settings(pool.clone(), test_settings(auth)).await
+    spawn_app_with_settings(pool, test_settings(auth)).await
 }
 
 /// Settings as in production, but on an ephemeral loopback port and with a
@@ -45,8 +50,57 @@ pub fn test_settings(auth: AuthSettings) -> ServeSettings {
     settings
 }
 
-pub async fn spawn_app_with_settings(pool: PgPool, settings: ServeSettings) -> TestApp {
-    let application = Application::build(settings, pool)
+/// The server over the test's database, with its own pool and session
+/// settings, as in production.
+pub async fn spawn_app_with_settings(pool: &PgPool, settings: ServeSettings) -> TestApp {
+    let database = database_for(pool, &settings);
+    let app = spawn_app_on(database, settings).await;
+    // Ready, as Kubernetes would wait for it to be, before any test step.
+    wait_for(&app, "readiness", ServingStatus::Serving).await;
+    app
+}
+
+/// The service as in production (its own pool, `application_name`,
+/// `statement_timeout`), reaching the test's database on `port`.
+pub async fn spawn_app_via_port(
+    pool: &PgPool,
+    port: u16,
+    tweak: impl FnOnce(&mut ServeSettings),
+) -> TestApp {
+    let mut settings = test_settings(AuthSettings::hs256(SECRET));
+    tweak(&mut settings);
+    let options = pool.connect_options();
+    let url = format!(
+        "postgres://{}@{}:{}/{}",
+        options.get_username(),
+        options.get_host(),
+        port,
+        options.get_database().unwrap_or("postgres"),
+    );
+    let connect = startup::connect_options(&url, settings.request_timeout).unwrap();
+    let database = Database::new(connect, &settings.database).unwrap();
+    spawn_app_on(database, settings).await
+}
+
+/// Where the test's database listens.
+pub async fn database_address(pool: &PgPool) -> std::net::SocketAddr {
+    let options = pool.connect_options();
+    tokio::net::lookup_host((options.get_host(), options.get_port()))
+        .await
+        .unwrap()
+        .next()
+        .unwrap()
+}
+
+/// A service pool on the test's database.
+pub fn database_for(pool: &PgPool, settings: &ServeSettings) -> Database {
+    let options =
+        startup::service_options((*pool.connect_options()).clone(), settings.request_timeout);
+    Database::new(options, &settings.database).expect("valid pool settings")
+}
+
+pub async fn spawn_app_on(database: Database, settings: ServeSettings) -> TestApp {
+    let application = Application::build(settings, database)
         .await
         .expect("the application builds");
     let address = application.local_addr();
@@ -54,8 +108,6 @@ pub async fn spawn_app_with_settings(pool: PgPool, settings: ServeSettings) -> T
         .metrics_addr()
         .expect("test settings name a metrics address");
     let (shutdown, shutdown_rx) = oneshot::channel::<()>();
-    // Only `stop` shuts the server down: dropping a TestApp must not close
-    // the pool it shares with the test.
     let server = tokio::spawn(application.run(async {
         if shutdown_rx.await.is_err() {
             std::future::pending::<()>().await;
@@ -73,6 +125,35 @@ pub async fn spawn_app_with_settings(pool: PgPool, settings: ServeSettings) -> T
         channel,
         shutdown: Some(shutdown),
         server,
+    }
+}
+
+/// Waits, through the health Watch stream, until `service` reports `wanted`.
+pub async fn wait_for(app: &TestApp, service: &str, wanted: ServingStatus) {
+    let mut updates = HealthClient::new(app.channel.clone())
+        .watch(HealthCheckRequest {
+            service: service.to_owned(),
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+    let reached = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(update) = updates.next().await {
+            if update.expect("health update").status() == wanted {
+                return;
+            }
+        }
+        panic!("the health stream ended");
+    })
+    .await;
+    assert!(reached.is_ok(), "{service:?} never became {wanted:?}");
+}
+
+/// A test that ends without `stop` takes the server (and its connections)
+/// with it, so that the test's database can be dropped.
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        self.server.abort();
     }
 }
 

@@ -12,5 +12,6 @@ mod load;
 mod metrics;
 mod operations;
 mod overload;
+mod pool;
 mod proxy;
 mod unassign;

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use channel_assignment::{config::AuthSettings, startup};
+use channel_assignment::{config::AuthSettings, database::Database};
 use sqlx::{PgPool, postgres::PgConnectOptions};
 use tokio_stream::StreamExt as _;
 use tonic::Code;
@@ -23,27 +23,6 @@ async fn check(app: &TestApp, service: &str) -> Result<ServingStatus, tonic::Sta
     Ok(response.into_inner().status())
 }
 
-/// Waits, through the health Watch stream, until `service` reports `wanted`.
-async fn wait_for(app: &TestApp, service: &str, wanted: ServingStatus) {
-    let mut updates = HealthClient::new(app.channel.clone())
-        .watch(HealthCheckRequest {
-            service: service.to_owned(),
-        })
-        .await
-        .expect("watch")
-        .into_inner();
-    let reached = tokio::time::timeout(Duration::from_secs(10), async {
-        while let Some(update) = updates.next().await {
-            if update.expect("health update").status() == wanted {
-                return;
-            }
-        }
-        panic!("the health stream ended");
-    })
-    .await;
-    assert!(reached.is_ok(), "{service:?} never became {wanted:?}");
-}
-
 /// An app whose database cannot be reached: a port nothing listens on.
 async fn spawn_app_without_database() -> TestApp {
     let closed_port = {
@@ -56,8 +35,8 @@ async fn spawn_app_without_database() -> TestApp {
         .host("127.0.0.1")
         .port(closed_port)
         .username("postgres");
-    let pool = startup::lazy_pool(&settings.database, options);
-    spawn_app_with_settings(pool, settings).await
+    let database = Database::new(options, &settings.database).unwrap();
+    spawn_app_on(database, settings).await
 }
 
 #[sqlx::test]
@@ -242,7 +221,7 @@ async fn a_client_deadline_bounds_the_database_work(pool: PgPool) {
 async fn the_request_timeout_is_deadline_exceeded_and_writes_nothing(pool: PgPool) {
     let mut settings = test_settings(AuthSettings::hs256(SECRET));
     settings.request_timeout = Duration::from_millis(300);
-    let app = spawn_app_with_settings(pool.clone(), settings).await;
+    let app = spawn_app_with_settings(&pool, settings).await;
     insert_identity(&pool, ORG, "sales-agent").await;
     let linked = insert_mailbox(&pool, ORG).await.to_string();
     let other = insert_mailbox(&pool, ORG).await.to_string();

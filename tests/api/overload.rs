@@ -18,7 +18,7 @@ use crate::helpers::*;
 async fn requests_beyond_capacity_are_shed_at_once_and_health_still_answers(pool: PgPool) {
     let mut settings = test_settings(AuthSettings::hs256(SECRET));
     settings.max_concurrent_requests = 1;
-    let app = spawn_app_with_settings(pool.clone(), settings).await;
+    let app = spawn_app_with_settings(&pool, settings).await;
     insert_identity(&pool, ORG, "sales-agent").await;
     insert_identity(&pool, ORG, "support-agent").await;
     let mailbox = insert_mailbox(&pool, ORG).await.to_string();
@@ -83,7 +83,7 @@ async fn oversized_messages_are_refused_and_change_nothing(pool: PgPool) {
 async fn the_shutdown_delay_keeps_serving_while_reporting_not_serving(pool: PgPool) {
     let mut settings = test_settings(AuthSettings::hs256(SECRET));
     settings.shutdown_delay = Duration::from_secs(1);
-    let mut app = spawn_app_with_settings(pool.clone(), settings).await;
+    let mut app = spawn_app_with_settings(&pool, settings).await;
     insert_identity(&pool, ORG, "sales-agent").await;
     let mailbox = insert_mailbox(&pool, ORG).await.to_string();
     let mut watch = HealthClient::new(app.channel.clone())

@@ -1,0 +1,196 @@
+//! The connections the service's statements run on.
+//!
+//! sqlx's own pool makes a round trip to PostgreSQL when it hands a
+//! connection out (`test_before_acquire`) and another, unconditionally in
+//! sqlx 0.9, when it takes it back. With one statement per request that is
+//! three round trips where one does, and the two pings cost PostgreSQL about
+//! as much as the statement's own messages (BENCHMARKS.md). This pool
+//! (deadpool, over sqlx connections) hands connections out and takes them
+//! back without any I/O; instead, a connection is judged by how its last
+//! statement ended, and one that may be broken is closed, never reused.
+
+use std::time::Duration;
+
+use deadpool::managed::{self, Metrics, PoolError, RecycleError, RecycleResult, TimeoutType};
+use sqlx::{ConnectOptions as _, Connection as _, PgConnection, postgres::PgConnectOptions};
+
+use crate::config::DatabaseSettings;
+use crate::error::DatabaseErrorClass;
+
+/// Connections are replaced after this long, so that PostgreSQL can free
+/// what a long session accumulates (as sqlx's pool does by default).
+const MAX_LIFETIME: Duration = Duration::from_secs(30 * 60);
+/// Idle connections are closed after this long.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(5 * 60);
+/// How long a graceful close (PostgreSQL's Terminate message) may take.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
+
+type Pooled = managed::Object<Manager>;
+
+pub struct Manager {
+    options: PgConnectOptions,
+}
+
+impl managed::Manager for Manager {
+    type Type = PgConnection;
+    type Error = sqlx::Error;
+
+    async fn create(&self) -> Result<PgConnection, sqlx::Error> {
+        self.options.connect().await
+    }
+
+    async fn recycle(&self, _: &mut PgConnection, metrics: &Metrics) -> RecycleResult<sqlx::Error> {
+        if metrics.age() > MAX_LIFETIME {
+            return Err(RecycleError::message(
+                "connection reached its maximum lifetime",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The pool: lazy (the service starts, and reports NOT_SERVING, while the
+/// database is down) and cheap to clone.
+#[derive(Clone)]
+pub struct Database {
+    pool: managed::Pool<Manager>,
+}
+
+/// What the pool holds now, for the metrics.
+pub struct PoolStatus {
+    pub connections: usize,
+    pub idle: usize,
+}
+
+impl Database {
+    pub fn new(options: PgConnectOptions, settings: &DatabaseSettings) -> anyhow::Result<Self> {
+        let max_size = usize::try_from(settings.database_max_connections)?;
+        anyhow::ensure!(max_size > 0, "DATABASE_MAX_CONNECTIONS must be at least 1");
+        let pool = managed::Pool::builder(Manager { options })
+            .max_size(max_size)
+            // Hot connections first, so that the ones a quieter time does
+            // not need go idle and are closed.
+            .queue_mode(deadpool::managed::QueueMode::Lifo)
+            .wait_timeout(Some(settings.database_acquire_timeout))
+            .create_timeout(Some(settings.database_acquire_timeout))
+            .runtime(deadpool::Runtime::Tokio1)
+            .build()?;
+        Ok(Self { pool })
+    }
+
+    /// A connection, without a round trip unless one must be opened.
+    pub async fn connection(&self) -> Result<Lease, sqlx::Error> {
+        let pooled = self.pool.get().await.map_err(|error| match error {
+            PoolError::Backend(error) => error,
+            PoolError::Timeout(TimeoutType::Wait | TimeoutType::Create) => {
+                sqlx::Error::PoolTimedOut
+            }
+            PoolError::Closed => sqlx::Error::PoolClosed,
+            // No hooks are configured, and recycling never times out.
+            other => sqlx::Error::Configuration(other.to_string().into()),
+        })?;
+        Ok(Lease {
+            pooled: Some(pooled),
+            pool: self.pool.clone(),
+        })
+    }
+
+    /// Whether the database answers a round trip now.
+    pub async fn ping(&self) -> Result<(), sqlx::Error> {
+        let mut lease = self.connection().await?;
+        let result = lease.connection().ping().await;
+        lease.settle(result)
+    }
+
+    /// Closes connections unused for `IDLE_TIMEOUT`.
+    pub async fn close_idle(&self) {
+        let idle = self
+            .pool
+            .retain(|_, metrics| metrics.last_used() < IDLE_TIMEOUT)
+            .removed;
+        close_gracefully(idle).await;
+    }
+
+    pub fn status(&self) -> PoolStatus {
+        let status = self.pool.status();
+        PoolStatus {
+            connections: status.size,
+            idle: status.available,
+        }
+    }
+
+    /// Closes the pool: idle connections now, with a Terminate message so
+    /// that PostgreSQL sees an orderly end; connections still in use when
+    /// they come back.
+    pub async fn close(&self) {
+        let idle = self.pool.retain(|_, _| false).removed;
+        self.pool.close();
+        close_gracefully(idle).await;
+    }
+}
+
+/// A connection taken from the pool. It goes back only through `settle`,
+/// after its statement ended: one dropped mid-statement (a cancelled future)
+/// may have an answer still on its way, and is closed instead.
+pub struct Lease {
+    pooled: Option<Pooled>,
+    pool: managed::Pool<Manager>,
+}
+
+impl Lease {
+    pub fn connection(&mut self) -> &mut PgConnection {
+        // `pooled` is only taken by `settle` (which consumes the lease) and `drop`.
+        self.pooled
+            .as_deref_mut()
+            .expect("a lease holds its connection until settled")
+    }
+
+    /// Gives the connection back after a statement that ended with `result`.
+    ///
+    /// A failure of the statement itself (a constraint, a timeout) leaves the
+    /// connection usable. One that may have broken it (a lost connection, the
+    /// server ending the session) closes it, and the idle ones with it: they
+    /// usually share its fate (a restart, a failover, a cut network), and
+    /// each would otherwise fail a request of its own before being replaced.
+    pub fn settle<T>(mut self, result: Result<T, sqlx::Error>) -> Result<T, sqlx::Error> {
+        let pooled = self.pooled.take();
+        if let Err(error) = &result
+            && DatabaseErrorClass::of(error) == DatabaseErrorClass::Unavailable
+        {
+            drop(pooled.map(Pooled::take));
+            let idle = self.pool.retain(|_, _| false).removed;
+            tracing::info!(
+                %error,
+                closed_idle = idle.len(),
+                "database connection may be broken: closed it and the idle ones"
+            );
+        }
+        result
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        if let Some(pooled) = self.pooled.take() {
+            drop(Pooled::take(pooled));
+        }
+    }
+}
+
+async fn close_gracefully(connections: Vec<PgConnection>) {
+    for connection in connections {
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, connection.close()).await;
+    }
+}
+
+/// Whether PostgreSQL ended the session in place of an answer (an operator's
+/// `pg_terminate_backend`, a shutdown or restart, `idle_session_timeout`).
+/// The statement's transaction was then rolled back, so running it again on
+/// another connection is safe; after a lost connection, by contrast, nobody
+/// knows whether it committed.
+pub fn session_ended_before_commit(error: &sqlx::Error) -> bool {
+    let sqlx::Error::Database(error) = error else {
+        return false;
+    };
+    matches!(error.code().as_deref(), Some("57P01" | "57P02" | "57P05"))
+}
