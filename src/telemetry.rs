@@ -38,12 +38,24 @@ pub fn init(format: LogFormat, otlp_endpoint: Option<&str>) -> anyhow::Result<Te
         tracing_opentelemetry::layer().with_tracer(provider.tracer("channel-assignment"))
     });
     let registry = tracing_subscriber::registry().with(filter).with(otel_layer);
-    // Logs go to stderr: stdout carries what `dev` and `token` print.
+    // Logs go to stderr: stdout carries what `dev` and `token` print. A
+    // thread of their own writes them, buffered, so that a line per RPC
+    // costs the request no syscall (it cost ~25 µs each, BENCHMARKS.md); the
+    // writer flushes whenever it has caught up, and applies backpressure
+    // rather than dropping lines.
+    let (log_writer, log_writer_guard) =
+        tracing_appender::non_blocking::NonBlockingBuilder::default()
+            .lossy(false)
+            .thread_name("log-writer")
+            .finish(std::io::BufWriter::with_capacity(
+                64 * 1024,
+                std::io::stderr(),
+            ));
     let installed = match format {
         LogFormat::Text => registry
             .with(
                 fmt::layer()
-                    .with_writer(std::io::stderr)
+                    .with_writer(log_writer)
                     .with_ansi(std::io::stderr().is_terminal())
                     .with_target(false),
             )
@@ -52,7 +64,7 @@ pub fn init(format: LogFormat, otlp_endpoint: Option<&str>) -> anyhow::Result<Te
             .with(
                 fmt::layer()
                     .json()
-                    .with_writer(std::io::stderr)
+                    .with_writer(log_writer)
                     .flatten_event(true)
                     .with_current_span(true),
             )
@@ -60,7 +72,10 @@ pub fn init(format: LogFormat, otlp_endpoint: Option<&str>) -> anyhow::Result<Te
     };
     // A subscriber set earlier (a test harness) is kept.
     drop(installed);
-    Ok(Telemetry { tracer_provider })
+    Ok(Telemetry {
+        tracer_provider,
+        _log_writer: log_writer_guard,
+    })
 }
 
 fn tracer_provider(endpoint: &str) -> anyhow::Result<SdkTracerProvider> {
@@ -85,6 +100,8 @@ fn tracer_provider(endpoint: &str) -> anyhow::Result<SdkTracerProvider> {
 /// What must outlive serving: the span exporter, flushed on shutdown.
 pub struct Telemetry {
     tracer_provider: Option<SdkTracerProvider>,
+    /// Writes out the buffered log lines when dropped.
+    _log_writer: tracing_appender::non_blocking::WorkerGuard,
 }
 
 impl Telemetry {
