@@ -46,6 +46,8 @@ pub fn init(format: LogFormat, otlp_endpoint: Option<&str>) -> anyhow::Result<Te
     let (log_writer, log_writer_guard) =
         tracing_appender::non_blocking::NonBlockingBuilder::default()
             .lossy(false)
+            // Room for bursts; the default (128k lines) takes megabytes up front.
+            .buffered_lines_limit(16 * 1024)
             .thread_name("log-writer")
             .finish(std::io::BufWriter::with_capacity(
                 64 * 1024,
