@@ -5,7 +5,10 @@
 
 use std::time::Duration;
 
-use channel_assignment::config::AuthSettings;
+use channel_assignment::{
+    config::AuthSettings,
+    database::{Database, Lease},
+};
 use futures::future::join_all;
 use sqlx::PgPool;
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -118,27 +121,38 @@ async fn sessions_the_database_ends_are_replaced_without_failing_a_request(pool:
     }
 }
 
+/// The PostgreSQL session behind a leased connection.
+async fn backend_pid(lease: &mut Lease) -> i32 {
+    sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(lease.connection())
+        .await
+        .unwrap()
+}
+
+/// The session the pool hands out next, given back after use.
+async fn next_session(database: &Database) -> i32 {
+    let mut lease = database.connection().await.unwrap();
+    let pid = backend_pid(&mut lease).await;
+    lease.settle(Ok(())).unwrap();
+    pid
+}
+
 #[sqlx::test]
 async fn a_failed_statement_keeps_its_connection(pool: PgPool) {
     let database = database_for(&pool, &test_settings(AuthSettings::hs256(SECRET)));
     let mut lease = database.connection().await.unwrap();
-    let first: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
-        .fetch_one(lease.connection())
-        .await
-        .unwrap();
+    let first = backend_pid(&mut lease).await;
     let failed = sqlx::query("SELECT 1 / 0")
         .execute(lease.connection())
         .await;
     assert!(lease.settle(failed).is_err());
     assert_eq!(database.status().idle, 1, "given back");
 
-    let mut lease = database.connection().await.unwrap();
-    let second: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
-        .fetch_one(lease.connection())
-        .await
-        .unwrap();
-    assert_eq!(first, second, "the same session, still usable");
-    lease.settle(Ok(())).unwrap();
+    assert_eq!(
+        next_session(&database).await,
+        first,
+        "the same session, still usable"
+    );
     database.close().await;
 }
 
@@ -146,10 +160,7 @@ async fn a_failed_statement_keeps_its_connection(pool: PgPool) {
 async fn a_connection_abandoned_mid_statement_is_closed_not_reused(pool: PgPool) {
     let database = database_for(&pool, &test_settings(AuthSettings::hs256(SECRET)));
     let mut lease = database.connection().await.unwrap();
-    let abandoned: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
-        .fetch_one(lease.connection())
-        .await
-        .unwrap();
+    let abandoned = backend_pid(&mut lease).await;
     let statement = sqlx::query("SELECT pg_sleep(30)").execute(lease.connection());
     assert!(
         tokio::time::timeout(Duration::from_millis(200), statement)
@@ -160,13 +171,7 @@ async fn a_connection_abandoned_mid_statement_is_closed_not_reused(pool: PgPool)
     drop(lease);
     assert_eq!(database.status().connections, 0, "closed, not given back");
 
-    let mut lease = database.connection().await.unwrap();
-    let next: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
-        .fetch_one(lease.connection())
-        .await
-        .unwrap();
-    assert_ne!(next, abandoned, "a new session");
-    lease.settle(Ok(())).unwrap();
+    assert_ne!(next_session(&database).await, abandoned, "a new session");
     database.close().await;
     sqlx::query("SELECT pg_cancel_backend($1)")
         .bind(abandoned)
