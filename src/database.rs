@@ -21,13 +21,13 @@ use crate::error::DatabaseErrorClass;
 /// what a long session accumulates (as sqlx's pool does by default).
 const MAX_LIFETIME: Duration = Duration::from_secs(30 * 60);
 /// Idle connections are closed after this long.
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(5 * 60);
+const IDLE_TIMEOUT: Duration = Duration::from_secs(5 * 60);
 /// How long a graceful close (PostgreSQL's Terminate message) may take.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 
 type Pooled = managed::Object<Manager>;
 
-pub struct Manager {
+struct Manager {
     options: PgConnectOptions,
 }
 
