@@ -69,16 +69,11 @@ pub async fn spawn_app_via_port(
 ) -> TestApp {
     let mut settings = test_settings(AuthSettings::hs256(SECRET));
     tweak(&mut settings);
-    let options = pool.connect_options();
-    let url = format!(
-        "postgres://{}@{}:{}/{}",
-        options.get_username(),
-        options.get_host(),
-        port,
-        options.get_database().unwrap_or("postgres"),
+    let options = startup::service_options(
+        (*pool.connect_options()).clone().port(port),
+        settings.request_timeout,
     );
-    let connect = startup::connect_options(&url, settings.request_timeout).unwrap();
-    let database = Database::new(connect, &settings.database).unwrap();
+    let database = Database::new(options, &settings.database).unwrap();
     spawn_app_on(database, settings).await
 }
 
