@@ -108,7 +108,7 @@ impl Load {
                                 client.unassign_mailbox(request).await.map(drop)
                             }
                         }
-                        .map_or_else(|status| status.code(), |()| Code::Ok);
+                        .map_or_else(|status| client_code(&status), |()| Code::Ok);
                         worker.outcomes.push(Outcome {
                             wanted,
                             code,
@@ -232,4 +232,24 @@ pub fn assert_all_served_after(workers: &[Worker], since: Instant, what: &str) {
             worker.handle
         );
     }
+}
+
+/// The code a request failed with, as a gRPC client should see it.
+///
+/// A stream the server refused during its graceful shutdown (opened after
+/// the GOAWAY's last stream id, so never processed) reaches tonic's client
+/// as a hyper error, which it reports as INTERNAL; gRPC implementations
+/// report it as UNAVAILABLE (grpc/grpc-java#1355), and so does this.
+fn client_code(status: &tonic::Status) -> Code {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(status);
+    while let Some(error) = cause {
+        if let Some(h2) = error.downcast_ref::<h2::Error>()
+            && h2.is_go_away()
+            && h2.reason() == Some(h2::Reason::NO_ERROR)
+        {
+            return Code::Unavailable;
+        }
+        cause = error.source();
+    }
+    status.code()
 }
