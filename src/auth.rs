@@ -24,9 +24,12 @@ pub const MAX_TOKEN_LEN: usize = 8 * 1024;
 /// RFC 7518 §3.2: an HS256 key of at least the hash's size, 256 bits.
 const RECOMMENDED_SECRET_LEN: usize = 32;
 
-/// How many verified tokens are remembered: far more than the callers of one
-/// replica hold at a time, and at most a few MiB.
-const VERIFIED_TOKENS_CAPACITY: usize = 8 * 1024;
+/// Bytes of verified tokens remembered (token lengths plus a fixed overhead
+/// each): thousands of typical tokens, far more than the callers of one
+/// replica hold at a time, however long the tokens are.
+const VERIFIED_TOKENS_BYTES: u64 = 4 * 1024 * 1024;
+/// A typical token and its entry, to size the cache's table.
+const TYPICAL_VERIFIED_TOKEN_BYTES: u64 = 512;
 
 /// A verifier for one key: the algorithms it accepts and the claims it checks.
 struct Verifier {
@@ -48,7 +51,7 @@ pub struct Authenticator {
     /// refused as expired. The keys do not change while the process runs, so
     /// a verification stays true for the entry's life. Only tokens that name a
     /// well-formed organization are kept; refusals are never cached.
-    verified: quick_cache::sync::Cache<Box<str>, VerifiedToken>,
+    verified: quick_cache::sync::Cache<Box<str>, VerifiedToken, TokenBytes>,
 }
 
 #[derive(Clone)]
@@ -56,6 +59,18 @@ struct VerifiedToken {
     organization: OrganizationId,
     /// Seconds since the Unix epoch, as `exp` is.
     usable_before: u64,
+}
+
+/// Weighs a remembered token by its size, so that the cache's memory is
+/// bounded in bytes, not in entries.
+#[derive(Clone)]
+struct TokenBytes;
+
+impl quick_cache::Weighter<Box<str>, VerifiedToken> for TokenBytes {
+    fn weight(&self, token: &Box<str>, verified: &VerifiedToken) -> u64 {
+        const ENTRY_OVERHEAD: usize = 64;
+        (token.len() + verified.organization.as_str().len() + ENTRY_OVERHEAD) as u64
+    }
 }
 
 #[derive(Deserialize)]
@@ -109,7 +124,11 @@ impl Authenticator {
             public_key,
             trusted_header: settings.trusted_header,
             leeway_seconds: settings.leeway_seconds,
-            verified: quick_cache::sync::Cache::new(VERIFIED_TOKENS_CAPACITY),
+            verified: quick_cache::sync::Cache::with_weighter(
+                (VERIFIED_TOKENS_BYTES / TYPICAL_VERIFIED_TOKEN_BYTES) as usize,
+                VERIFIED_TOKENS_BYTES,
+                TokenBytes,
+            ),
         })
     }
 
@@ -442,6 +461,24 @@ mod tests {
             assert_eq!(organization.as_str(), "org_1");
         }
         assert_eq!(authenticator.verified.len(), 1);
+    }
+
+    #[test]
+    fn remembered_tokens_are_bounded_in_bytes() {
+        let authenticator = authenticator(false);
+        let exp = chrono::Utc::now().timestamp() + 600;
+        let padding = "x".repeat(2048);
+        let tokens = 4_000;
+        for n in 0..tokens {
+            let long = token(
+                &serde_json::json!({ "org_id": "org_1", "exp": exp, "n": n, "pad": padding }),
+            );
+            assert!(authenticator.authenticate(&bearer(&long)).is_ok());
+        }
+        // More than 8 MB of tokens went through.
+        assert!(authenticator.verified.weight() <= VERIFIED_TOKENS_BYTES);
+        assert!(authenticator.verified.len() < tokens);
+        assert!(!authenticator.verified.is_empty());
     }
 
     #[test]
