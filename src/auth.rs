@@ -352,6 +352,12 @@ mod tests {
         .unwrap()
     }
 
+    fn bearer(token: &str) -> MetadataMap {
+        let mut metadata = MetadataMap::new();
+        metadata.insert("authorization", format!("Bearer {token}").parse().unwrap());
+        metadata
+    }
+
     fn refusal_is_in_the_contract(result: &Result<OrganizationId, ServiceError>) -> bool {
         matches!(
             result,
@@ -401,9 +407,7 @@ mod tests {
         ) {
             let exp = chrono::Utc::now().timestamp() + 600;
             let signed = token(&serde_json::json!({ "org_id": org_id.clone(), "exp": exp }));
-            let mut metadata = MetadataMap::new();
-            metadata.insert("authorization", format!("Bearer {signed}").parse().unwrap());
-            let result = authenticator(false).authenticate(&metadata);
+            let result = authenticator(false).authenticate(&bearer(&signed));
             let expected = org_id.as_str().and_then(OrganizationId::parse);
             match (result, expected) {
                 (Ok(found), Some(expected)) => prop_assert_eq!(found, expected),
@@ -431,12 +435,6 @@ mod tests {
                 prop_assert!(result.is_err(), "tampered at {at}: {result:?}");
             }
         }
-    }
-
-    fn bearer(token: &str) -> MetadataMap {
-        let mut metadata = MetadataMap::new();
-        metadata.insert("authorization", format!("Bearer {token}").parse().unwrap());
-        metadata
     }
 
     #[test]
@@ -508,10 +506,8 @@ mod tests {
             &serde_json::json!({ "org_id": "org_1", "exp": exp }),
             "another-secret-0123456789abcdef",
         );
-        let mut metadata = MetadataMap::new();
-        metadata.insert("authorization", format!("Bearer {forged}").parse().unwrap());
         assert!(matches!(
-            authenticator(false).authenticate(&metadata),
+            authenticator(false).authenticate(&bearer(&forged)),
             Err(ServiceError::Unauthenticated(_))
         ));
     }
