@@ -95,11 +95,26 @@ impl Database {
         })
     }
 
-    /// Whether the database answers a round trip now.
-    pub async fn ping(&self) -> Result<(), sqlx::Error> {
-        let mut lease = self.connection().await?;
-        let result = lease.connection().ping().await;
-        lease.settle(result)
+    /// Whether the database answers now and would take a write: a server
+    /// in recovery (a standby) or in read-only mode (a demoted primary)
+    /// answers `SELECT 1` as happily as the primary, yet fails every write.
+    pub async fn check_writable(&self) -> Result<(), HealthError> {
+        let mut lease = self.connection().await.map_err(HealthError::Database)?;
+        let result = sqlx::query_scalar::<_, bool>(
+            "SELECT pg_is_in_recovery() OR current_setting('transaction_read_only')::boolean",
+        )
+        .fetch_one(lease.connection())
+        .await;
+        let read_only = lease.settle(result).map_err(HealthError::Database)?;
+        if read_only {
+            // Its sessions are of no use for writes: drop the idle ones, so
+            // that the next requests connect afresh (and reach the primary
+            // once the endpoint has moved).
+            let idle = self.pool.retain(|_, _| false).removed;
+            close_gracefully(idle).await;
+            return Err(HealthError::ReadOnly);
+        }
+        Ok(())
     }
 
     /// Closes connections unused for `IDLE_TIMEOUT`.
@@ -183,14 +198,28 @@ async fn close_gracefully(connections: Vec<PgConnection>) {
     }
 }
 
-/// Whether PostgreSQL ended the session in place of an answer (an operator's
-/// `pg_terminate_backend`, a shutdown or restart, `idle_session_timeout`).
+/// Why the database is not fit to serve.
+#[derive(Debug, thiserror::Error)]
+pub enum HealthError {
+    #[error("database unreachable")]
+    Database(#[source] sqlx::Error),
+    #[error("database refuses writes (a standby or a read-only primary)")]
+    ReadOnly,
+}
+
+/// Whether PostgreSQL refused the statement without changing anything: it
+/// ended the session in place of an answer (an operator's
+/// `pg_terminate_backend`, a shutdown or restart, `idle_session_timeout`), or
+/// the server is read-only (a demoted primary or a standby, SQLSTATE 25006).
 /// The statement's transaction was then rolled back, so running it again on
 /// another connection is safe; after a lost connection, by contrast, nobody
 /// knows whether it committed.
-pub fn session_ended_before_commit(error: &sqlx::Error) -> bool {
+pub fn refused_before_any_change(error: &sqlx::Error) -> bool {
     let sqlx::Error::Database(error) = error else {
         return false;
     };
-    matches!(error.code().as_deref(), Some("57P01" | "57P02" | "57P05"))
+    matches!(
+        error.code().as_deref(),
+        Some("57P01" | "57P02" | "57P05" | "25006")
+    )
 }

@@ -129,7 +129,8 @@ impl ServiceError {
 /// What went wrong with the database, as far as callers and operators care.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DatabaseErrorClass {
-    /// Not reachable, shutting down, out of connections or resources.
+    /// Not reachable, shutting down, out of connections or resources, or
+    /// not the primary (refuses writes).
     Unavailable,
     /// `statement_timeout`, a cancel, or a passed request deadline.
     Timeout,
@@ -155,6 +156,11 @@ impl DatabaseErrorClass {
             E::Database(db) => match db.code().as_deref() {
                 Some("57014") => Self::Timeout,
                 Some("40001" | "40P01") => Self::Conflict,
+                // read_only_sql_transaction: a demoted primary, or a standby,
+                // reached through a proxy or a Service that has not moved yet.
+                // Not this statement's fault: the connection is on a server
+                // that cannot serve writes, so it is dropped like a lost one.
+                Some("25006") => Self::Unavailable,
                 // connection exceptions, too many connections or out of
                 // resources, server shutting down or starting
                 Some(code)
@@ -245,7 +251,7 @@ impl From<ServiceError> for Status {
 }
 
 /// Renders an error with its whole source chain, for logs.
-fn anyhow_chain(error: &(dyn std::error::Error + 'static)) -> String {
+pub fn anyhow_chain(error: &(dyn std::error::Error + 'static)) -> String {
     let mut rendered = error.to_string();
     let mut source = error.source();
     while let Some(cause) = source {

@@ -12,6 +12,7 @@ use tonic_health::{ServingStatus, server::HealthReporter};
 use crate::auth::Authenticator;
 use crate::config::ServeSettings;
 use crate::database::Database;
+use crate::error::anyhow_chain;
 use crate::metrics::Metrics;
 use crate::proto::channel_assignment_server::ChannelAssignmentServer;
 use crate::service::ChannelAssignmentService;
@@ -264,7 +265,7 @@ fn reflection_builder() -> tonic_reflection::server::Builder<'static> {
         .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
 }
 
-/// Follows the database's availability in the health service.
+/// Follows the database's fitness to serve in the health service.
 ///
 /// A check that takes longer than an interval is reported NOT_SERVING at
 /// once, but is let finish (up to `check_timeout`) rather than restarted:
@@ -276,39 +277,79 @@ async fn monitor_database(
     interval: Duration,
     check_timeout: Duration,
 ) {
-    let mut reported = None;
+    let mut reported = Reported::default();
     loop {
-        let check = tokio::time::timeout(check_timeout.max(interval), store.database().ping());
+        let check = tokio::time::timeout(
+            check_timeout.max(interval),
+            store.database().check_writable(),
+        );
         tokio::pin!(check);
-        let serving = match tokio::time::timeout(interval, &mut check).await {
-            Ok(checked) => matches!(checked, Ok(Ok(()))),
+        let outcome = match tokio::time::timeout(interval, &mut check).await {
+            Ok(checked) => checked,
             Err(_slow) => {
-                report_database(&reporter, &mut reported, false).await;
-                matches!(check.await, Ok(Ok(())))
+                reported
+                    .report(&reporter, Err("the database check is slow".to_owned()))
+                    .await;
+                check.await
             }
         };
-        report_database(&reporter, &mut reported, serving).await;
+        let outcome = match outcome {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(error)) => Err(anyhow_chain(&error)),
+            Err(_timed_out) => Err(format!(
+                "the database check took longer than {check_timeout:?}"
+            )),
+        };
+        reported.report(&reporter, outcome).await;
         store.database().close_idle().await;
         tokio::time::sleep(interval).await;
     }
 }
 
-async fn report_database(reporter: &HealthReporter, reported: &mut Option<bool>, serving: bool) {
-    if *reported == Some(serving) {
-        return;
+/// What the health service was last told, and when its cause was logged.
+#[derive(Default)]
+struct Reported {
+    serving: Option<bool>,
+    cause: Option<String>,
+    logged_at: Option<tokio::time::Instant>,
+}
+
+/// While the database stays unfit for the same reason, the cause is logged
+/// again this often: an unready pod gets no calls, so its log is the only
+/// place that says why.
+const UNFIT_RELOG_INTERVAL: Duration = Duration::from_secs(5 * 60);
+
+impl Reported {
+    async fn report(&mut self, reporter: &HealthReporter, outcome: Result<(), String>) {
+        let serving = outcome.is_ok();
+        match outcome {
+            Ok(()) if self.serving != Some(true) => {
+                tracing::info!("database reachable and writable: SERVING");
+                self.cause = None;
+            }
+            Ok(()) => {}
+            Err(cause) => {
+                let due = self
+                    .logged_at
+                    .is_none_or(|at| at.elapsed() >= UNFIT_RELOG_INTERVAL);
+                if self.cause.as_deref() != Some(cause.as_str()) || due {
+                    tracing::warn!(%cause, "database not fit to serve: NOT_SERVING");
+                    self.logged_at = Some(tokio::time::Instant::now());
+                    self.cause = Some(cause);
+                }
+            }
+        }
+        if self.serving == Some(serving) {
+            return;
+        }
+        let status = if serving {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        };
+        for name in DATABASE_DEPENDENT_SERVICES {
+            reporter.set_service_status(name, status).await;
+        }
+        self.serving = Some(serving);
     }
-    if serving {
-        tracing::info!("database reachable: SERVING");
-    } else {
-        tracing::warn!("database unreachable: NOT_SERVING");
-    }
-    let status = if serving {
-        ServingStatus::Serving
-    } else {
-        ServingStatus::NotServing
-    };
-    for name in DATABASE_DEPENDENT_SERVICES {
-        reporter.set_service_status(name, status).await;
-    }
-    *reported = Some(serving);
 }

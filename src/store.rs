@@ -336,12 +336,13 @@ fn remaining_seconds(deadline: Instant) -> f64 {
         .as_secs_f64()
 }
 
-/// A serialization failure or deadlock, or a session PostgreSQL ended
-/// before the statement committed: another attempt (on another connection)
-/// can succeed, and cannot apply the change twice.
+/// A serialization failure or deadlock, or a statement PostgreSQL refused
+/// before it changed anything (an ended session, a read-only server):
+/// another attempt (on another connection) can succeed, and cannot apply the
+/// change twice.
 fn worth_another_attempt(error: &sqlx::Error) -> bool {
     DatabaseErrorClass::of(error) == DatabaseErrorClass::Conflict
-        || database::session_ended_before_commit(error)
+        || database::refused_before_any_change(error)
 }
 
 #[derive(sqlx::FromRow)]

@@ -5,6 +5,7 @@ mod assign;
 mod auth;
 mod binary;
 mod concurrency;
+mod failover;
 mod faults;
 mod helpers;
 mod isolation;
