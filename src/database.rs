@@ -160,6 +160,11 @@ impl Lease {
             .expect("a lease holds its connection until settled")
     }
 
+    /// Gives back a connection that was not used.
+    pub fn release(mut self) {
+        drop(self.pooled.take());
+    }
+
     /// Gives the connection back after a statement that ended with `result`.
     ///
     /// A failure of the statement itself (a constraint, a timeout) leaves the

@@ -4,6 +4,7 @@
 pub mod auth;
 pub mod config;
 pub mod database;
+pub mod deadline;
 pub mod dev;
 pub mod domain;
 pub mod error;

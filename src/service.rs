@@ -8,13 +8,17 @@ use tokio::{
     sync::{OwnedSemaphorePermit, Semaphore},
     time::Instant,
 };
-use tonic::{Request, Response, Status, metadata::MetadataMap};
+use tonic::{Extensions, Request, Response, Status, metadata::MetadataMap};
 use tracing::Instrument as _;
 
+use crate::deadline::{Arrival, Budget, StatementGate, parse_grpc_timeout};
 use crate::domain::{AgentHandle, ChannelId, ChannelKind, OrganizationId};
 use crate::error::{FieldViolation, ServiceError};
 use crate::proto::{self, channel_assignment_server::ChannelAssignment};
 use crate::store::{IdentityRecord, MailboxRecord, PhoneNumberRecord, Store};
+
+/// A place among the requests doing database work, held until the work ends.
+type Admitted = OwnedSemaphorePermit;
 
 pub struct ChannelAssignmentService {
     store: Store,
@@ -35,12 +39,12 @@ impl ChannelAssignmentService {
     async fn assign(
         &self,
         metadata: &MetadataMap,
-        organization: Option<&OrganizationId>,
+        extensions: &Extensions,
         kind: ChannelKind,
         raw_handle: &str,
         raw_channel_id: &str,
     ) -> Result<proto::Identity, ServiceError> {
-        let organization = caller(organization)?.clone();
+        let organization = caller(extensions.get())?.clone();
         let mut violations = Vec::new();
         let handle = parse_handle(raw_handle, &mut violations);
         let channel = ChannelId::parse(kind, raw_channel_id)
@@ -55,44 +59,44 @@ impl ChannelAssignmentService {
             return Err(ServiceError::InvalidArgument(violations));
         };
         let permit = self.admit()?;
-        let budget = self.budget(metadata);
+        let budget = self.budget(metadata, extensions);
         let store = self.store.clone();
+        let window = budget.write_window();
+        let gate = window.gate.clone();
         let work = async move {
             store
-                .assign(&organization, &handle, kind, channel, budget.write_by)
+                .assign(&organization, &handle, kind, channel, &window)
                 .await
         };
-        let identity = within(budget, permit, work).await?;
+        let identity = within(budget.answer_by, gate, permit, work).await?;
         Ok(identity.into())
     }
 
     async fn unassign(
         &self,
         metadata: &MetadataMap,
-        organization: Option<&OrganizationId>,
+        extensions: &Extensions,
         kind: ChannelKind,
         raw_handle: &str,
     ) -> Result<(), ServiceError> {
-        let organization = caller(organization)?.clone();
+        let organization = caller(extensions.get())?.clone();
         let mut violations = Vec::new();
         let Some(handle) = parse_handle(raw_handle, &mut violations) else {
             return Err(ServiceError::InvalidArgument(violations));
         };
         let permit = self.admit()?;
-        let budget = self.budget(metadata);
+        let budget = self.budget(metadata, extensions);
         let store = self.store.clone();
-        let work = async move {
-            store
-                .unassign(&organization, &handle, kind, budget.write_by)
-                .await
-        };
-        within(budget, permit, work).await
+        let window = budget.write_window();
+        let gate = window.gate.clone();
+        let work = async move { store.unassign(&organization, &handle, kind, &window).await };
+        within(budget.answer_by, gate, permit, work).await
     }
 
     /// Takes a place among the requests doing database work, or sheds this
     /// one at once: queueing without bound only turns overload into timeouts
     /// for everyone.
-    fn admit(&self) -> Result<OwnedSemaphorePermit, ServiceError> {
+    fn admit(&self) -> Result<Admitted, ServiceError> {
         Arc::clone(&self.capacity)
             .try_acquire_owned()
             .map_err(|_| ServiceError::Overloaded)
@@ -100,7 +104,7 @@ impl ChannelAssignmentService {
 
     /// The time this request has: the server's request timeout, or the
     /// client's deadline if sooner.
-    fn budget(&self, metadata: &MetadataMap) -> Budget {
+    fn budget(&self, metadata: &MetadataMap, extensions: &Extensions) -> Budget {
         let timeout = metadata
             .get("grpc-timeout")
             .and_then(|value| value.to_str().ok())
@@ -108,7 +112,12 @@ impl ChannelAssignmentService {
             .map_or(self.request_timeout, |client| {
                 client.min(self.request_timeout)
             });
-        Budget::new(Instant::now(), timeout)
+        // Counted from the request's arrival, as the client's deadline is,
+        // not from the handler's start.
+        let arrived = extensions
+            .get::<Arrival>()
+            .map_or_else(Instant::now, |arrival| arrival.0);
+        Budget::new(arrived, timeout)
     }
 }
 
@@ -121,7 +130,7 @@ impl ChannelAssignment for ChannelAssignmentService {
         let message = request.get_ref();
         self.assign(
             request.metadata(),
-            request.extensions().get(),
+            request.extensions(),
             ChannelKind::Mailbox,
             &message.agent_handle,
             &message.mailbox_id,
@@ -137,7 +146,7 @@ impl ChannelAssignment for ChannelAssignmentService {
     ) -> Result<Response<()>, Status> {
         self.unassign(
             request.metadata(),
-            request.extensions().get(),
+            request.extensions(),
             ChannelKind::Mailbox,
             &request.get_ref().agent_handle,
         )
@@ -153,7 +162,7 @@ impl ChannelAssignment for ChannelAssignmentService {
         let message = request.get_ref();
         self.assign(
             request.metadata(),
-            request.extensions().get(),
+            request.extensions(),
             ChannelKind::PhoneNumber,
             &message.agent_handle,
             &message.phone_number_id,
@@ -169,7 +178,7 @@ impl ChannelAssignment for ChannelAssignmentService {
     ) -> Result<Response<()>, Status> {
         self.unassign(
             request.metadata(),
-            request.extensions().get(),
+            request.extensions(),
             ChannelKind::PhoneNumber,
             &request.get_ref().agent_handle,
         )
@@ -200,46 +209,25 @@ fn parse_handle(raw: &str, violations: &mut Vec<FieldViolation>) -> Option<Agent
         .ok()
 }
 
-/// When to give up on a request, and until when its statement may write.
-///
-/// The answer goes out a margin before the deadline, so that the caller gets
-/// the server's DEADLINE_EXCEEDED (with its details) rather than its own
-/// timer's error; the statement stops writing a margin before that, so that
-/// nothing commits after the caller was told it did not happen.
-#[derive(Clone, Copy, Debug)]
-struct Budget {
-    answer_by: Instant,
-    write_by: Instant,
-}
-
-impl Budget {
-    const MAX_MARGIN: Duration = Duration::from_millis(50);
-
-    fn new(now: Instant, timeout: Duration) -> Self {
-        let margin = (timeout / 10).min(Self::MAX_MARGIN);
-        Self {
-            answer_by: now + timeout.saturating_sub(margin),
-            write_by: now + timeout.saturating_sub(margin * 2),
-        }
-    }
-}
-
-/// Runs the database work as a task of its own and waits for it until the
-/// budget's answer time.
+/// Runs the database work as a task of its own and answers by the budget's
+/// answer time, truthfully.
 ///
 /// The work is never cancelled mid-statement: sqlx cannot recover a
-/// connection whose query future was dropped (its release-time ping never
-/// returns it to the pool), so a caller that gives up, or a passed deadline,
-/// only stops the waiting. The statement then ends by itself, soon: it fails
-/// rather than writes past `write_by`, and `statement_timeout` bounds it on
-/// the server. The capacity permit goes with the work, so load shedding
-/// counts what is really still running.
+/// connection whose query future was dropped, so a caller that gives up, or a
+/// passed deadline, only stops the waiting. When the answer is due, the
+/// `StatementGate` says which answer is true: if no statement was sent, none
+/// will be, and DEADLINE_EXCEEDED means nothing changed; if one was, it may
+/// still commit, so the outcome is awaited and reported (bounded: the
+/// statement fails rather than writes past `write_by`, and
+/// `statement_timeout` ends it on the server). The capacity permit goes with
+/// the work, so load shedding counts what is really still running.
 async fn within<T: Send + 'static>(
-    budget: Budget,
-    permit: OwnedSemaphorePermit,
+    answer_by: Instant,
+    gate: StatementGate,
+    permit: Admitted,
     work: impl Future<Output = Result<T, ServiceError>> + Send + 'static,
 ) -> Result<T, ServiceError> {
-    let task = tokio::spawn(
+    let mut task = tokio::spawn(
         async move {
             let outcome = work.await;
             drop(permit);
@@ -247,33 +235,18 @@ async fn within<T: Send + 'static>(
         }
         .in_current_span(),
     );
-    match tokio::time::timeout_at(budget.answer_by, task).await {
-        Ok(Ok(outcome)) => outcome,
-        Ok(Err(failed)) => Err(ServiceError::Internal(anyhow::anyhow!(
+    let joined = match tokio::time::timeout_at(answer_by, &mut task).await {
+        Ok(joined) => joined,
+        Err(_due) if gate.abandon() => return Err(ServiceError::DeadlineExceeded),
+        Err(_due) => {
+            tracing::debug!("answer due while a statement may still commit: awaiting its outcome");
+            task.await
+        }
+    };
+    joined.unwrap_or_else(|failed| {
+        Err(ServiceError::Internal(anyhow::anyhow!(
             "database task failed: {failed}"
-        ))),
-        Err(_) => Err(ServiceError::DeadlineExceeded),
-    }
-}
-
-/// Parses a `grpc-timeout` header: up to 8 digits and a unit (H M S m u n).
-fn parse_grpc_timeout(value: &str) -> Option<Duration> {
-    if value.len() < 2 || value.len() > 9 {
-        return None;
-    }
-    let (digits, unit) = value.split_at(value.len() - 1);
-    if !digits.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    let amount: u64 = digits.parse().ok()?;
-    Some(match unit {
-        "H" => Duration::from_secs(amount.checked_mul(3600)?),
-        "M" => Duration::from_secs(amount.checked_mul(60)?),
-        "S" => Duration::from_secs(amount),
-        "m" => Duration::from_millis(amount),
-        "u" => Duration::from_micros(amount),
-        "n" => Duration::from_nanos(amount),
-        _ => return None,
+        )))
     })
 }
 
@@ -350,44 +323,6 @@ impl From<PhoneNumberRecord> for proto::PhoneNumber {
             status: status.into(),
             incoming_call_action: record.incoming_call_action.unwrap_or_default(),
             updated_at: Some(timestamp(record.updated_at)),
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn grpc_timeout_units() {
-        assert_eq!(parse_grpc_timeout("1H"), Some(Duration::from_secs(3600)));
-        assert_eq!(parse_grpc_timeout("2M"), Some(Duration::from_secs(120)));
-        assert_eq!(parse_grpc_timeout("3S"), Some(Duration::from_secs(3)));
-        assert_eq!(parse_grpc_timeout("250m"), Some(Duration::from_millis(250)));
-        assert_eq!(
-            parse_grpc_timeout("99999999u"),
-            Some(Duration::from_micros(99_999_999))
-        );
-        assert_eq!(parse_grpc_timeout("10n"), Some(Duration::from_nanos(10)));
-    }
-
-    #[test]
-    fn the_answer_leaves_before_the_deadline_and_writes_stop_before_the_answer() {
-        let now = Instant::now();
-        let short = Budget::new(now, Duration::from_millis(300));
-        assert_eq!(short.answer_by, now + Duration::from_millis(270));
-        assert_eq!(short.write_by, now + Duration::from_millis(240));
-        let long = Budget::new(now, Duration::from_secs(5));
-        assert_eq!(long.answer_by, now + Duration::from_millis(4950));
-        assert_eq!(long.write_by, now + Duration::from_millis(4900));
-        let none = Budget::new(now, Duration::ZERO);
-        assert_eq!((none.answer_by, none.write_by), (now, now));
-    }
-
-    #[test]
-    fn malformed_grpc_timeouts_are_ignored() {
-        for raw in ["", "S", "1", "1s", "123456789S", "-1S", "1.5S", "+1S"] {
-            assert_eq!(parse_grpc_timeout(raw), None, "{raw:?}");
         }
     }
 }

@@ -10,6 +10,7 @@ use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use crate::database::{self, Database, Lease};
+use crate::deadline::WriteWindow;
 use crate::domain::{AgentHandle, ChannelId, ChannelKind, OrganizationId};
 use crate::error::{DatabaseErrorClass, ServiceError};
 use crate::metrics::Metrics;
@@ -213,6 +214,22 @@ impl Store {
         })
     }
 
+    /// A connection for a statement of a request that is answered on a
+    /// deadline: none once the waiter has answered DEADLINE_EXCEEDED, so that
+    /// nothing is written after that answer (see `deadline::StatementGate`).
+    async fn connection_within(&self, window: &WriteWindow) -> Result<Lease, ServiceError> {
+        if window.gate.is_abandoned() {
+            return Err(ServiceError::DeadlineExceeded);
+        }
+        let lease = self.connection().await?;
+        if !window.gate.may_send() {
+            // Unused: back to the pool as it came.
+            lease.release();
+            return Err(ServiceError::DeadlineExceeded);
+        }
+        Ok(lease)
+    }
+
     pub fn database(&self) -> &Database {
         &self.database
     }
@@ -234,7 +251,7 @@ impl Store {
         handle: &AgentHandle,
         kind: ChannelKind,
         channel: ChannelId,
-        deadline: Instant,
+        window: &WriteWindow,
     ) -> Result<IdentityRecord, ServiceError> {
         let statement = match kind {
             ChannelKind::Mailbox => ASSIGN_MAILBOX,
@@ -242,12 +259,12 @@ impl Store {
         };
         let mut attempt = 1;
         loop {
-            let mut lease = self.connection().await?;
+            let mut lease = self.connection_within(window).await?;
             let result = sqlx::query_as::<_, AssignRow>(statement)
                 .bind(organization.as_str())
                 .bind(handle.as_str())
                 .bind(channel.as_uuid())
-                .bind(remaining_seconds(deadline))
+                .bind(window.remaining_seconds())
                 .fetch_one(lease.connection())
                 .await;
             let outcome = match self.settle(lease, result) {
@@ -277,7 +294,7 @@ impl Store {
         organization: &OrganizationId,
         handle: &AgentHandle,
         kind: ChannelKind,
-        deadline: Instant,
+        window: &WriteWindow,
     ) -> Result<(), ServiceError> {
         let statement = match kind {
             ChannelKind::Mailbox => UNASSIGN_MAILBOX,
@@ -285,11 +302,11 @@ impl Store {
         };
         let mut attempt = 1;
         loop {
-            let mut lease = self.connection().await?;
+            let mut lease = self.connection_within(window).await?;
             let result = sqlx::query_scalar::<_, bool>(statement)
                 .bind(organization.as_str())
                 .bind(handle.as_str())
-                .bind(remaining_seconds(deadline))
+                .bind(window.remaining_seconds())
                 .fetch_one(lease.connection())
                 .await;
             match self.settle(lease, result) {
@@ -327,13 +344,6 @@ fn assign_error(error: sqlx::Error, kind: ChannelKind, channel: ChannelId) -> Se
         }
     }
     ServiceError::from_database(error)
-}
-
-/// The time a statement has left, as its `make_interval(secs => …)` argument.
-fn remaining_seconds(deadline: Instant) -> f64 {
-    deadline
-        .saturating_duration_since(Instant::now())
-        .as_secs_f64()
 }
 
 /// A serialization failure or deadlock, or a statement PostgreSQL refused

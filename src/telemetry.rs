@@ -168,7 +168,10 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+    fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
+        request
+            .extensions_mut()
+            .insert(crate::deadline::Arrival(tokio::time::Instant::now()));
         let method = request
             .uri()
             .path()
