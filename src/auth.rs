@@ -16,7 +16,8 @@ use crate::error::ServiceError;
 
 pub const TRUSTED_ORGANIZATION_HEADER: &str = "x-organization-id";
 
-/// Far above any real token; refuses to spend work on junk. The server's
+/// Far above any real token (README, "Authentication"); refuses to spend
+/// work on junk. The server's
 /// header limit (startup.rs) is larger, so that such a token gets a gRPC
 /// UNAUTHENTICATED rather than an HTTP 431.
 pub const MAX_TOKEN_LEN: usize = 8 * 1024;
@@ -133,22 +134,32 @@ impl Authenticator {
     }
 
     pub fn authenticate(&self, metadata: &MetadataMap) -> Result<OrganizationId, ServiceError> {
-        if self.trusted_header {
-            let mut values = metadata.get_all(TRUSTED_ORGANIZATION_HEADER).iter();
-            if let Some(value) = values.next() {
-                if values.next().is_some() {
-                    return Err(ServiceError::OrganizationIdMissing);
+        if self.trusted_header
+            && let Some(organization) = trusted_organization(metadata)?
+        {
+            // A token beside the header is a second credential: it must be
+            // valid and agree, or the request is refused rather than served
+            // for whichever one the gateway happened to set.
+            if metadata.contains_key("authorization") {
+                let token_organization = self.organization_from_token(metadata)?;
+                if token_organization != organization {
+                    return Err(ServiceError::ConflictingOrganizations);
                 }
-                return value
-                    .to_str()
-                    .ok()
-                    .and_then(OrganizationId::parse)
-                    .ok_or(ServiceError::OrganizationIdMissing);
             }
+            return Ok(organization);
         }
+        self.organization_from_token(metadata)
+    }
+
+    fn organization_from_token(
+        &self,
+        metadata: &MetadataMap,
+    ) -> Result<OrganizationId, ServiceError> {
         let token = bearer_token(metadata)?;
         if token.len() > MAX_TOKEN_LEN {
-            return Err(ServiceError::Unauthenticated("invalid token"));
+            return Err(ServiceError::Unauthenticated(
+                "token longer than 8192 bytes",
+            ));
         }
         let now = jsonwebtoken::get_current_timestamp();
         if let Some(verified) = self.verified.get(token)
@@ -204,6 +215,23 @@ impl Authenticator {
                 _ => INVALID,
             })
     }
+}
+
+/// The organization named by the trusted header, if the request has one.
+fn trusted_organization(metadata: &MetadataMap) -> Result<Option<OrganizationId>, ServiceError> {
+    let mut values = metadata.get_all(TRUSTED_ORGANIZATION_HEADER).iter();
+    let Some(value) = values.next() else {
+        return Ok(None);
+    };
+    if values.next().is_some() {
+        return Err(ServiceError::OrganizationIdMissing);
+    }
+    value
+        .to_str()
+        .ok()
+        .and_then(OrganizationId::parse)
+        .map(Some)
+        .ok_or(ServiceError::OrganizationIdMissing)
 }
 
 fn bearer_token(metadata: &MetadataMap) -> Result<&str, ServiceError> {

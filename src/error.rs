@@ -27,6 +27,9 @@ pub enum ServiceError {
     Unauthenticated(&'static str),
     #[error("the credentials carry no valid organization id")]
     OrganizationIdMissing,
+    /// The trusted header and the bearer token name different organizations.
+    #[error("the credentials name two organizations")]
+    ConflictingOrganizations,
     #[error("invalid argument")]
     InvalidArgument(Vec<FieldViolation>),
     #[error("identity not found")]
@@ -66,7 +69,10 @@ impl ServiceError {
     pub fn reason(&self) -> &'static str {
         match self {
             Self::Unauthenticated(_) => "UNAUTHENTICATED",
-            Self::OrganizationIdMissing => "ORGANIZATION_ID_MISSING",
+            // No single valid organization id: the contract's 403 reason.
+            Self::OrganizationIdMissing | Self::ConflictingOrganizations => {
+                "ORGANIZATION_ID_MISSING"
+            }
             Self::InvalidArgument(_) => "INVALID_ARGUMENT",
             Self::IdentityNotFound(_) => "IDENTITY_NOT_FOUND",
             Self::ChannelNotFound(ChannelKind::Mailbox, _) => "MAILBOX_NOT_FOUND",
@@ -85,7 +91,9 @@ impl ServiceError {
     fn code_and_http_status(&self) -> (Code, u16) {
         match self {
             Self::Unauthenticated(_) => (Code::Unauthenticated, 401),
-            Self::OrganizationIdMissing => (Code::PermissionDenied, 403),
+            Self::OrganizationIdMissing | Self::ConflictingOrganizations => {
+                (Code::PermissionDenied, 403)
+            }
             Self::InvalidArgument(_) => (Code::InvalidArgument, 422),
             Self::IdentityNotFound(_) | Self::ChannelNotFound(..) => (Code::NotFound, 404),
             Self::ChannelAlreadyAssigned(..) => (Code::AlreadyExists, 409),
@@ -103,6 +111,9 @@ impl ServiceError {
             Self::Unauthenticated(detail) => format!("unauthenticated: {detail}"),
             Self::OrganizationIdMissing => {
                 "the token carries no valid organization id (org_id)".to_owned()
+            }
+            Self::ConflictingOrganizations => {
+                "the bearer token names another organization than x-organization-id".to_owned()
             }
             Self::InvalidArgument(violations) => {
                 let fields: Vec<&str> = violations.iter().map(|v| v.field).collect();

@@ -148,7 +148,14 @@ async fn unusable_tokens_are_unauthenticated(pool: PgPool) {
     for (case, token) in cases {
         let result = assign_with(&app, with_bearer(request(&mailbox), &token)).await;
         assert!(result.is_err(), "{case}: accepted");
-        assert_error(result, Code::Unauthenticated, "UNAUTHENTICATED");
+        let status = assert_error(result, Code::Unauthenticated, "UNAUTHENTICATED");
+        if token.len() > 8192 {
+            assert_eq!(
+                status.message(),
+                "unauthenticated: token longer than 8192 bytes",
+                "{case}"
+            );
+        }
     }
     for (case, header) in [
         ("basic scheme", format!("Basic {}", hs256_token(ORG))),
@@ -278,6 +285,106 @@ async fn the_trusted_header_names_the_organization_when_enabled(pool: PgPool) {
         .await
         .expect("the header's organization");
     assert_eq!(identity.organization_id, ORG);
+}
+
+#[sqlx::test]
+async fn a_token_beside_the_trusted_header_must_be_valid_and_agree(pool: PgPool) {
+    let auth = AuthSettings {
+        trusted_header: true,
+        ..AuthSettings::hs256(SECRET)
+    };
+    let app = spawn_app_with(&pool, auth).await;
+    let mailbox = seed(&pool).await;
+    let before = snapshot(&pool).await;
+
+    let refused = [
+        (
+            "a valid token of another organization",
+            format!("Bearer {}", hs256_token(OTHER_ORG)),
+            Code::PermissionDenied,
+            "ORGANIZATION_ID_MISSING",
+        ),
+        (
+            "garbage",
+            "Bearer garbage.x.y".to_owned(),
+            Code::Unauthenticated,
+            "UNAUTHENTICATED",
+        ),
+        (
+            "a token signed with another secret",
+            format!(
+                "Bearer {}",
+                sign_hs256(
+                    &json!({ "org_id": ORG, "exp": now() + 3600 }),
+                    "another-secret-0123456789abcdef0123"
+                )
+            ),
+            Code::Unauthenticated,
+            "UNAUTHENTICATED",
+        ),
+        (
+            "an expired token",
+            format!(
+                "Bearer {}",
+                sign_hs256(&json!({ "org_id": ORG, "exp": now() - 3600 }), SECRET)
+            ),
+            Code::Unauthenticated,
+            "UNAUTHENTICATED",
+        ),
+        (
+            "not a bearer token",
+            "Basic dXNlcjpwYXNz".to_owned(),
+            Code::Unauthenticated,
+            "UNAUTHENTICATED",
+        ),
+    ];
+    for (case, authorization, code, reason) in refused {
+        let result = assign_with(
+            &app,
+            with_metadata(
+                &mailbox,
+                &[
+                    ("x-organization-id", ORG),
+                    ("authorization", &authorization),
+                ],
+            ),
+        )
+        .await;
+        assert!(result.is_err(), "{case}: accepted");
+        assert_error(result, code, reason);
+    }
+    // Acting for the token's organization instead would not be right either.
+    let conflicting = assign_with(
+        &app,
+        with_metadata(
+            &mailbox,
+            &[
+                ("x-organization-id", OTHER_ORG),
+                ("authorization", &format!("Bearer {}", hs256_token(ORG))),
+            ],
+        ),
+    )
+    .await;
+    assert_error(
+        conflicting,
+        Code::PermissionDenied,
+        "ORGANIZATION_ID_MISSING",
+    );
+    assert_eq!(snapshot(&pool).await, before);
+
+    let agreeing = assign_with(
+        &app,
+        with_metadata(
+            &mailbox,
+            &[
+                ("x-organization-id", ORG),
+                ("authorization", &format!("Bearer {}", hs256_token(ORG))),
+            ],
+        ),
+    )
+    .await
+    .expect("header and token agree");
+    assert_eq!(agreeing.organization_id, ORG);
 }
 
 #[sqlx::test]
