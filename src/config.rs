@@ -86,6 +86,30 @@ pub struct ServeSettings {
     #[arg(long, env = "MAX_CONCURRENT_REQUESTS", default_value_t = 256)]
     pub max_concurrent_requests: usize,
 
+    /// Most HTTP/2 streams (RPCs in progress) one connection may have open;
+    /// one more is refused with REFUSED_STREAM, which clients retry.
+    #[arg(long, env = "GRPC_MAX_CONCURRENT_STREAMS", default_value_t = 200)]
+    pub max_concurrent_streams: u32,
+
+    /// Most gRPC connections open at once; one more is closed at once (with
+    /// a rate-limited warning).
+    #[arg(long, env = "GRPC_MAX_CONNECTIONS", default_value_t = 1000)]
+    pub max_connections: usize,
+
+    /// How long a new connection may take to start HTTP/2 (send its preface
+    /// and first frame) before it is closed.
+    #[arg(long, env = "GRPC_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub handshake_timeout: Duration,
+
+    /// Most health Watch streams one connection may hold open; one more is
+    /// answered RESOURCE_EXHAUSTED.
+    #[arg(
+        long,
+        env = "GRPC_MAX_WATCH_STREAMS_PER_CONNECTION",
+        default_value_t = 16
+    )]
+    pub max_watch_streams_per_connection: usize,
+
     /// HTTP/2 keepalive ping interval: finds dead peers behind load balancers
     /// and NAT that drop idle connections silently.
     #[arg(long, env = "GRPC_KEEPALIVE_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
@@ -195,6 +219,10 @@ impl ServeSettings {
             grpc_listen_addr: "127.0.0.1:0".to_owned(),
             metrics_listen_addr: Some("127.0.0.1:0".to_owned()),
             max_concurrent_requests: 256,
+            max_concurrent_streams: 200,
+            max_connections: 1000,
+            handshake_timeout: Duration::from_secs(10),
+            max_watch_streams_per_connection: 16,
             keepalive_interval: Duration::from_secs(30),
             max_connection_age: Duration::from_secs(300),
             max_connection_age_grace: Duration::from_secs(10),

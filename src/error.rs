@@ -43,6 +43,9 @@ pub enum ServiceError {
     /// More requests in flight than the server takes: shed at once.
     #[error("too many requests in flight")]
     Overloaded,
+    /// More health `Watch` streams on one connection than it may hold.
+    #[error("too many health watch streams on this connection")]
+    TooManyWatchStreams,
     #[error("the database is unavailable")]
     Unavailable(#[source] sqlx::Error),
     #[error("internal error")]
@@ -82,7 +85,7 @@ impl ServiceError {
                 "PHONE_NUMBER_ALREADY_ASSIGNED"
             }
             Self::DeadlineExceeded => "DEADLINE_EXCEEDED",
-            Self::Overloaded => "RESOURCE_EXHAUSTED",
+            Self::Overloaded | Self::TooManyWatchStreams => "RESOURCE_EXHAUSTED",
             Self::Unavailable(_) => "UNAVAILABLE",
             Self::Internal(_) => "INTERNAL",
         }
@@ -98,7 +101,7 @@ impl ServiceError {
             Self::IdentityNotFound(_) | Self::ChannelNotFound(..) => (Code::NotFound, 404),
             Self::ChannelAlreadyAssigned(..) => (Code::AlreadyExists, 409),
             Self::DeadlineExceeded => (Code::DeadlineExceeded, 504),
-            Self::Overloaded => (Code::ResourceExhausted, 429),
+            Self::Overloaded | Self::TooManyWatchStreams => (Code::ResourceExhausted, 429),
             Self::Unavailable(_) => (Code::Unavailable, 503),
             Self::Internal(_) => (Code::Internal, 500),
         }
@@ -129,6 +132,9 @@ impl ServiceError {
             }
             Self::DeadlineExceeded => "the request's deadline passed".to_owned(),
             Self::Overloaded => "the server is at capacity, retry shortly".to_owned(),
+            Self::TooManyWatchStreams => {
+                "too many health watch streams on this connection".to_owned()
+            }
             Self::Unavailable(_) => {
                 "the service is temporarily unavailable, retry later".to_owned()
             }

@@ -3,11 +3,13 @@
 
 pub mod auth;
 pub mod config;
+pub mod connections;
 pub mod database;
 pub mod deadline;
 pub mod dev;
 pub mod domain;
 pub mod error;
+pub mod health;
 pub mod metrics;
 pub mod service;
 pub mod startup;

@@ -20,13 +20,18 @@ use crate::database::Database;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RpcLabels {
-    method: String,
+    method: &'static str,
     code: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct MethodLabels {
-    method: String,
+    method: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -44,6 +49,9 @@ pub struct Metrics {
     pool_waiting: Gauge,
     pool_acquire_duration: Histogram,
     database_errors: Family<DatabaseErrorLabels, Counter>,
+    connections_open: Gauge,
+    connections_refused: Family<ReasonLabels, Counter>,
+    requests_shed: Family<ReasonLabels, Counter>,
 }
 
 /// 0.5 ms … ~16 s: the service answers in about a millisecond when healthy,
@@ -111,8 +119,35 @@ impl Metrics {
             "Database errors, by kind (unavailable, timeout, conflict, other)",
             database_errors.clone(),
         );
+        let connections_open = Gauge::default();
+        registry.register(
+            "grpc_connections",
+            "Open gRPC (HTTP/2) connections",
+            connections_open.clone(),
+        );
+        let connections_refused = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "grpc_connections_refused",
+            "gRPC connections closed by the server's bounds, by reason (limit, handshake_timeout)",
+            connections_refused.clone(),
+        );
+        let requests_shed = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "rpc_shed",
+            "ChannelAssignment RPCs refused with RESOURCE_EXHAUSTED, by the limit that refused them (server, organization)",
+            requests_shed.clone(),
+        );
+        for reason in ["limit", "handshake_timeout"] {
+            drop(connections_refused.get_or_create(&ReasonLabels { reason }));
+        }
+        for reason in ["server", "organization"] {
+            drop(requests_shed.get_or_create(&ReasonLabels { reason }));
+        }
         Arc::new(Self {
             registry,
+            connections_open,
+            connections_refused,
+            requests_shed,
             rpc_requests,
             rpc_duration,
             rpc_in_flight,
@@ -129,17 +164,14 @@ impl Metrics {
         InFlight(Arc::clone(self))
     }
 
-    pub fn rpc_finished(&self, method: &str, code: &'static str, latency: Duration) {
+    /// `method` comes from a fixed set (`telemetry::method_name`), so the
+    /// series stay bounded whatever paths callers send.
+    pub fn rpc_finished(&self, method: &'static str, code: &'static str, latency: Duration) {
         self.rpc_requests
-            .get_or_create(&RpcLabels {
-                method: method.to_owned(),
-                code,
-            })
+            .get_or_create(&RpcLabels { method, code })
             .inc();
         self.rpc_duration
-            .get_or_create(&MethodLabels {
-                method: method.to_owned(),
-            })
+            .get_or_create(&MethodLabels { method })
             .observe(latency.as_secs_f64());
     }
 
@@ -151,6 +183,26 @@ impl Metrics {
 
     pub fn connection_acquired(&self, waited: Duration) {
         self.pool_acquire_duration.observe(waited.as_secs_f64());
+    }
+
+    pub fn connection_opened(&self) {
+        self.connections_open.inc();
+    }
+
+    pub fn connection_closed(&self) {
+        self.connections_open.dec();
+    }
+
+    pub fn connection_refused(&self, reason: &'static str) {
+        self.connections_refused
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
+    }
+
+    pub fn request_shed(&self, reason: &'static str) {
+        self.requests_shed
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
     }
 
     pub fn database_error(&self, kind: &'static str) {

@@ -6,28 +6,19 @@ use anyhow::Context as _;
 use sqlx::postgres::PgConnectOptions;
 use tokio::{net::TcpListener, sync::watch};
 use tokio_util::task::AbortOnDropHandle;
-use tonic::transport::{Server, server::TcpIncoming};
-use tonic_health::{ServingStatus, server::HealthReporter};
+use tonic::transport::Server;
+use tonic_health::ServingStatus;
 
 use crate::auth::Authenticator;
 use crate::config::ServeSettings;
+use crate::connections::{ConnectionLimits, Incoming};
 use crate::database::Database;
-use crate::error::anyhow_chain;
+use crate::health::{DATABASE_DEPENDENT_SERVICES, LIVENESS, LimitWatchStreams, monitor_database};
 use crate::metrics::Metrics;
 use crate::proto::channel_assignment_server::ChannelAssignmentServer;
 use crate::service::ChannelAssignmentService;
 use crate::store::Store;
 use crate::telemetry::{self, ObserveRpcLayer};
-
-/// Health service names that follow the database.
-const DATABASE_DEPENDENT_SERVICES: [&str; 3] = [
-    "",
-    <ChannelAssignmentServer<ChannelAssignmentService> as tonic::server::NamedService>::NAME,
-    "readiness",
-];
-/// SERVING while the process can serve at all: a database outage must not get
-/// the pod restarted.
-const LIVENESS: &str = "liveness";
 
 /// Largest request message accepted; the real ones are a few hundred bytes.
 const MAX_MESSAGE_SIZE: usize = 64 * 1024;
@@ -36,6 +27,11 @@ const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Room for an oversized token to reach the auth check (which refuses it
 /// with UNAUTHENTICATED) instead of failing as HTTP 431.
 const MAX_HEADER_LIST_SIZE: u32 = 4 * crate::auth::MAX_TOKEN_LEN as u32;
+/// Every unary RPC, health and reflection included, must be answered within
+/// the request timeout plus this, counted from its headers: a stream whose
+/// body never arrives is not held for ever. The service's own RPCs answer
+/// within the request timeout; the slack keeps this bound from cutting them.
+const UNARY_SLACK: Duration = Duration::from_secs(1);
 
 /// Connection options for `database_url`, with a server-side statement
 /// timeout so that abandoned statements do not run on.
@@ -176,7 +172,16 @@ impl Application {
             tracing::info!(%address, "serving metrics");
         }
 
-        let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+        let incoming = Incoming::new(
+            listener,
+            ConnectionLimits {
+                max_connections: settings.max_connections,
+                handshake_timeout: settings.handshake_timeout,
+            },
+            Arc::clone(&metrics),
+        );
+        let health_service =
+            LimitWatchStreams::new(health_service, settings.max_watch_streams_per_connection);
         let (drain_started, mut drain_started_rx) = watch::channel(false);
         let reporter = health_reporter.clone();
         let shutdown_delay = settings.shutdown_delay;
@@ -198,6 +203,8 @@ impl Application {
 
         tracing::info!(address = %local_addr, "serving gRPC");
         let server = Server::builder()
+            .max_concurrent_streams(Some(settings.max_concurrent_streams))
+            .timeout(settings.request_timeout + UNARY_SLACK)
             .http2_keepalive_interval(Some(settings.keepalive_interval))
             .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
             .max_connection_age(settings.max_connection_age)
@@ -263,93 +270,4 @@ fn reflection_builder() -> tonic_reflection::server::Builder<'static> {
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         // So that grpcurl can decode google.rpc error details.
         .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
-}
-
-/// Follows the database's fitness to serve in the health service.
-///
-/// A check that takes longer than an interval is reported NOT_SERVING at
-/// once, but is let finish (up to `check_timeout`) rather than restarted:
-/// opening a connection on a busy machine can take longer than an interval,
-/// and a check cut short every time would never see the database again.
-async fn monitor_database(
-    store: Store,
-    reporter: HealthReporter,
-    interval: Duration,
-    check_timeout: Duration,
-) {
-    let mut reported = Reported::default();
-    loop {
-        let check = tokio::time::timeout(
-            check_timeout.max(interval),
-            store.database().check_writable(),
-        );
-        tokio::pin!(check);
-        let outcome = match tokio::time::timeout(interval, &mut check).await {
-            Ok(checked) => checked,
-            Err(_slow) => {
-                reported
-                    .report(&reporter, Err("the database check is slow".to_owned()))
-                    .await;
-                check.await
-            }
-        };
-        let outcome = match outcome {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(error)) => Err(anyhow_chain(&error)),
-            Err(_timed_out) => Err(format!(
-                "the database check took longer than {check_timeout:?}"
-            )),
-        };
-        reported.report(&reporter, outcome).await;
-        store.database().close_idle().await;
-        tokio::time::sleep(interval).await;
-    }
-}
-
-/// What the health service was last told, and when its cause was logged.
-#[derive(Default)]
-struct Reported {
-    serving: Option<bool>,
-    cause: Option<String>,
-    logged_at: Option<tokio::time::Instant>,
-}
-
-/// While the database stays unfit for the same reason, the cause is logged
-/// again this often: an unready pod gets no calls, so its log is the only
-/// place that says why.
-const UNFIT_RELOG_INTERVAL: Duration = Duration::from_secs(5 * 60);
-
-impl Reported {
-    async fn report(&mut self, reporter: &HealthReporter, outcome: Result<(), String>) {
-        let serving = outcome.is_ok();
-        match outcome {
-            Ok(()) if self.serving != Some(true) => {
-                tracing::info!("database reachable and writable: SERVING");
-                self.cause = None;
-            }
-            Ok(()) => {}
-            Err(cause) => {
-                let due = self
-                    .logged_at
-                    .is_none_or(|at| at.elapsed() >= UNFIT_RELOG_INTERVAL);
-                if self.cause.as_deref() != Some(cause.as_str()) || due {
-                    tracing::warn!(%cause, "database not fit to serve: NOT_SERVING");
-                    self.logged_at = Some(tokio::time::Instant::now());
-                    self.cause = Some(cause);
-                }
-            }
-        }
-        if self.serving == Some(serving) {
-            return;
-        }
-        let status = if serving {
-            ServingStatus::Serving
-        } else {
-            ServingStatus::NotServing
-        };
-        for name in DATABASE_DEPENDENT_SERVICES {
-            reporter.set_service_status(name, status).await;
-        }
-        self.serving = Some(serving);
-    }
 }

@@ -3,11 +3,12 @@
 use std::{
     io::IsTerminal as _,
     pin::Pin,
-    sync::Arc,
+    sync::{Arc, LazyLock},
     task::{Context, Poll},
     time::{Duration, Instant},
 };
 
+use prost::Message as _;
 use tonic::{Code, server::NamedService};
 use tower::{Layer, Service};
 use tracing::{Instrument as _, Span, field};
@@ -172,13 +173,10 @@ where
         request
             .extensions_mut()
             .insert(crate::deadline::Arrival(tokio::time::Instant::now()));
-        let method = request
-            .uri()
-            .path()
-            .rsplit('/')
-            .next()
-            .unwrap_or_default()
-            .to_owned();
+        // From a fixed set, never from the raw path: a caller (with or
+        // without credentials) must not be able to mint metric series or
+        // log fields.
+        let method = method_name(request.uri().path());
         let trace_id = request
             .headers()
             .get("traceparent")
@@ -208,7 +206,7 @@ where
                 match &result {
                     Ok(response) => {
                         let code = response_code(response);
-                        metrics.rpc_finished(&method, code_name(code), latency);
+                        metrics.rpc_finished(method, code_name(code), latency);
                         if matches!(code, Code::Internal | Code::Unknown | Code::DataLoss) {
                             tracing::error!(code = code_name(code), latency_ms, "rpc");
                         } else {
@@ -216,7 +214,7 @@ where
                         }
                     }
                     Err(error) => {
-                        metrics.rpc_finished(&method, "TRANSPORT_ERROR", latency);
+                        metrics.rpc_finished(method, "TRANSPORT_ERROR", latency);
                         tracing::error!(%error, latency_ms, "rpc failed in transport");
                     }
                 }
@@ -226,6 +224,41 @@ where
             .instrument(span),
         )
     }
+}
+
+/// The `method` of anything that is not one of the service's RPCs.
+pub const UNKNOWN_METHOD: &str = "unknown";
+
+/// `/package.Service/Method` of every RPC of `channels.v1`, read once from
+/// the descriptor set that reflection serves, so that a new RPC is known
+/// without a list to keep up to date.
+static KNOWN_METHODS: LazyLock<Vec<(String, String)>> = LazyLock::new(|| {
+    let Ok(files) = prost_types::FileDescriptorSet::decode(crate::proto::FILE_DESCRIPTOR_SET)
+    else {
+        return Vec::new();
+    };
+    let mut known = Vec::new();
+    for file in files.file {
+        let package = file.package();
+        for service in &file.service {
+            for method in &service.method {
+                known.push((
+                    format!("/{package}.{}/{}", service.name(), method.name()),
+                    method.name().to_owned(),
+                ));
+            }
+        }
+    }
+    known
+});
+
+/// The RPC's name for metrics and logs: one of the service's own methods,
+/// else `unknown`.
+pub fn method_name(path: &str) -> &'static str {
+    KNOWN_METHODS
+        .iter()
+        .find(|(known, _)| known == path)
+        .map_or(UNKNOWN_METHOD, |(_, method)| method.as_str())
 }
 
 /// Reads W3C trace context from HTTP headers.
@@ -301,6 +334,27 @@ pub fn code_name(code: Code) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn methods_are_named_from_the_service_definition_only() {
+        assert_eq!(
+            method_name("/channels.v1.ChannelAssignment/AssignMailbox"),
+            "AssignMailbox"
+        );
+        assert_eq!(
+            method_name("/channels.v1.ChannelAssignment/UnassignPhoneNumber"),
+            "UnassignPhoneNumber"
+        );
+        for made_up in [
+            "/channels.v1.ChannelAssignment/Nope",
+            "/channels.v1.ChannelAssignment/",
+            "/channels.v1.Other/AssignMailbox",
+            "/channels.v1.ChannelAssignment/AssignMailbox/extra",
+            "",
+        ] {
+            assert_eq!(method_name(made_up), UNKNOWN_METHOD, "{made_up:?}");
+        }
+    }
 
     #[test]
     fn trace_ids_come_from_well_formed_traceparents_only() {

@@ -9,6 +9,7 @@ mod deadlines;
 mod failover;
 mod faults;
 mod helpers;
+mod hostile;
 mod isolation;
 mod load;
 mod metrics;

@@ -72,6 +72,17 @@ impl RawConnection {
     }
 }
 
+impl RawConnection {
+    /// Opens a stream whose headers are sent but whose body never comes.
+    pub async fn open_without_body(
+        &mut self,
+        path: &str,
+    ) -> Result<(h2::client::ResponseFuture, h2::SendStream<Bytes>), h2::Error> {
+        self.send = self.send.clone().ready().await?;
+        self.send.send_request(Self::head(path, &[]), false)
+    }
+}
+
 /// A message in gRPC's length-prefixed framing, uncompressed.
 pub fn grpc_frame(payload: &[u8]) -> Bytes {
     let mut frame = Vec::with_capacity(payload.len() + 5);
