@@ -46,6 +46,19 @@ pub enum ServiceError {
     /// More health `Watch` streams on one connection than it may hold.
     #[error("too many health watch streams on this connection")]
     TooManyWatchStreams,
+    /// The client reset the stream or went away before its message arrived.
+    #[error("the request ended before its message arrived")]
+    RequestAbandoned,
+    /// A request message over the size limit (refused by tonic).
+    #[error("the request message is too large")]
+    MessageTooLarge,
+    /// A path under the service that names none of its methods.
+    #[error("unknown method")]
+    UnknownMethod,
+    /// Any other refusal tonic made before the service ran: its code, and
+    /// its message for the log only.
+    #[error("transport error {0:?}: {1}")]
+    Transport(Code, String),
     #[error("the database is unavailable")]
     Unavailable(#[source] sqlx::Error),
     #[error("internal error")]
@@ -88,6 +101,10 @@ impl ServiceError {
             Self::Overloaded | Self::TooManyWatchStreams => "RESOURCE_EXHAUSTED",
             Self::Unavailable(_) => "UNAVAILABLE",
             Self::Internal(_) => "INTERNAL",
+            Self::RequestAbandoned => "CANCELLED",
+            Self::MessageTooLarge => "MESSAGE_TOO_LARGE",
+            Self::UnknownMethod => "UNIMPLEMENTED",
+            Self::Transport(code, _) => crate::telemetry::code_name(*code),
         }
     }
 
@@ -104,6 +121,11 @@ impl ServiceError {
             Self::Overloaded | Self::TooManyWatchStreams => (Code::ResourceExhausted, 429),
             Self::Unavailable(_) => (Code::Unavailable, 503),
             Self::Internal(_) => (Code::Internal, 500),
+            // As google.rpc.Code documents the HTTP equivalents.
+            Self::RequestAbandoned => (Code::Cancelled, 499),
+            Self::MessageTooLarge => (Code::OutOfRange, 413),
+            Self::UnknownMethod => (Code::Unimplemented, 501),
+            Self::Transport(code, _) => (*code, http_status_of(*code)),
         }
     }
 
@@ -139,6 +161,13 @@ impl ServiceError {
                 "the service is temporarily unavailable, retry later".to_owned()
             }
             Self::Internal(_) => "internal error".to_owned(),
+            Self::RequestAbandoned => "the request ended before its message arrived".to_owned(),
+            Self::MessageTooLarge => format!(
+                "the request message is larger than {} KiB",
+                crate::startup::MAX_MESSAGE_SIZE / 1024
+            ),
+            Self::UnknownMethod => "unknown method".to_owned(),
+            Self::Transport(..) => "the request could not be handled".to_owned(),
         }
     }
 }
@@ -206,6 +235,24 @@ impl DatabaseErrorClass {
     }
 }
 
+/// The HTTP status google.rpc.Code gives as each code's equivalent.
+fn http_status_of(code: Code) -> u16 {
+    match code {
+        Code::Ok => 200,
+        Code::Cancelled => 499,
+        Code::InvalidArgument | Code::FailedPrecondition | Code::OutOfRange => 400,
+        Code::DeadlineExceeded => 504,
+        Code::NotFound => 404,
+        Code::AlreadyExists | Code::Aborted => 409,
+        Code::PermissionDenied => 403,
+        Code::ResourceExhausted => 429,
+        Code::Unimplemented => 501,
+        Code::Unavailable => 503,
+        Code::Unauthenticated => 401,
+        Code::Unknown | Code::Internal | Code::DataLoss => 500,
+    }
+}
+
 fn noun(kind: ChannelKind) -> &'static str {
     match kind {
         ChannelKind::Mailbox => "mailbox",
@@ -218,7 +265,7 @@ impl From<ServiceError> for Status {
         let (code, http_status) = error.code_and_http_status();
         if matches!(
             error,
-            ServiceError::Internal(_) | ServiceError::Unavailable(_)
+            ServiceError::Internal(_) | ServiceError::Unavailable(_) | ServiceError::Transport(..)
         ) {
             // The caller sees a generic message; the cause goes to the log.
             tracing::error!(error = ?anyhow_chain(&error), reason = error.reason(), "request failed");

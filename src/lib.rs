@@ -2,6 +2,7 @@
 //! identities, over gRPC, in front of PostgreSQL.
 
 pub mod auth;
+pub mod codec;
 pub mod config;
 pub mod connections;
 pub mod database;
@@ -15,6 +16,7 @@ pub mod service;
 pub mod startup;
 pub mod store;
 pub mod telemetry;
+pub mod transport_errors;
 
 pub mod proto {
     #![allow(clippy::all, clippy::pedantic)]

@@ -19,9 +19,10 @@ use crate::proto::channel_assignment_server::ChannelAssignmentServer;
 use crate::service::ChannelAssignmentService;
 use crate::store::Store;
 use crate::telemetry::{self, ObserveRpcLayer};
+use crate::transport_errors::TransportErrorsLayer;
 
 /// Largest request message accepted; the real ones are a few hundred bytes.
-const MAX_MESSAGE_SIZE: usize = 64 * 1024;
+pub const MAX_MESSAGE_SIZE: usize = 64 * 1024;
 /// How long a keepalive ping may go unanswered before the connection is closed.
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Room for an oversized token to reach the auth check (which refuses it
@@ -141,6 +142,7 @@ impl Application {
         let service = ChannelAssignmentServer::new(service)
             .max_decoding_message_size(MAX_MESSAGE_SIZE)
             .max_encoding_message_size(MAX_MESSAGE_SIZE);
+        let service = tower::Layer::layer(&TransportErrorsLayer, service);
         let service = tonic::service::interceptor::InterceptedService::new(
             service,
             move |mut request: tonic::Request<()>| {

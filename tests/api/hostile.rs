@@ -289,6 +289,11 @@ async fn made_up_methods_add_no_metric_series(pool: PgPool) {
             Code::Unimplemented
         };
         assert_eq!(answer.status.code(), expected, "{:?}", answer.status);
+        let info = answer.status.get_details_error_info().expect("ErrorInfo");
+        assert_eq!(info.domain, "channel-assignment");
+        if i % 2 == 1 {
+            assert_eq!(info.reason, "UNIMPLEMENTED");
+        }
         assert!(
             !answer.status.message().contains("MadeUp"),
             "the name is not echoed: {:?}",
@@ -310,4 +315,73 @@ fn method_labels(metrics: &str) -> std::collections::BTreeSet<String> {
             Some(rest.split_once('"')?.0.to_owned())
         })
         .collect()
+}
+
+#[sqlx::test]
+async fn undecodable_messages_are_invalid_arguments_with_details(pool: PgPool) {
+    let app = spawn_app(&pool).await;
+    insert_identity(&pool, ORG, "sales-agent").await;
+    insert_mailbox(&pool, ORG).await;
+    let before = snapshot(&pool).await;
+    let authorization = format!("Bearer {}", hs256_token(ORG));
+    let mut connection = RawConnection::connect(app.address).await;
+
+    for (case, payload) in [
+        ("invalid wire type", vec![0xff, 0xff, 0xff]),
+        (
+            "invalid UTF-8 in agent_handle",
+            vec![0x0a, 0x02, 0xff, 0xfe],
+        ),
+        ("truncated field", vec![0x0a, 0x10, b'a', b'b']),
+    ] {
+        let answer = connection
+            .unary(
+                "/channels.v1.ChannelAssignment/AssignMailbox",
+                &[("authorization", authorization.as_str())],
+                &payload,
+            )
+            .await;
+        let status = assert_error(
+            Err::<(), _>(answer.status),
+            Code::InvalidArgument,
+            "INVALID_ARGUMENT",
+        );
+        assert_eq!(field_violations(&status), ["request"], "{case}");
+    }
+    assert_eq!(snapshot(&pool).await, before);
+}
+
+#[sqlx::test]
+async fn a_request_abandoned_mid_message_is_cancelled_not_internal(pool: PgPool) {
+    let app = spawn_app(&pool).await;
+    let authorization = format!("Bearer {}", hs256_token(ORG));
+    let mut connection = RawConnection::connect(app.address).await;
+    let (_response, mut body) = connection
+        .open(
+            "/channels.v1.ChannelAssignment/UnassignMailbox",
+            &[("authorization", authorization.as_str())],
+        )
+        .await
+        .unwrap();
+    // A frame that announces 100 bytes, 2 of them sent, then a reset.
+    body.send_data(
+        bytes::Bytes::from_static(&[0, 0, 0, 0, 100, 0x0a, 0x05]),
+        false,
+    )
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    body.send_reset(h2::Reason::CANCEL);
+
+    let cancelled =
+        r#"channel_assignment_rpc_requests_total{method="UnassignMailbox",code="CANCELLED"} 1"#;
+    let mut metrics = String::new();
+    for _ in 0..100 {
+        metrics = scrape(app.metrics_addr).await;
+        if metrics.contains(cancelled) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(metrics.contains(cancelled), "{metrics}");
+    assert!(!metrics.contains(r#"code="INTERNAL""#), "{metrics}");
 }

@@ -73,6 +73,12 @@ async fn oversized_messages_are_refused_and_change_nothing(pool: PgPool) {
         .expect_err("too large");
 
     assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
+    let info = status.get_details_error_info().expect("ErrorInfo");
+    assert_eq!(info.reason, "MESSAGE_TOO_LARGE");
+    assert_eq!(
+        info.metadata.get("http_status").map(String::as_str),
+        Some("413")
+    );
     assert_eq!(snapshot(&pool).await, before);
     app.unassign_mailbox(ORG, "sales-agent")
         .await

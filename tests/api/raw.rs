@@ -78,8 +78,17 @@ impl RawConnection {
         &mut self,
         path: &str,
     ) -> Result<(h2::client::ResponseFuture, h2::SendStream<Bytes>), h2::Error> {
+        self.open(path, &[]).await
+    }
+
+    /// Opens a stream and sends its headers; the body is the caller's.
+    pub async fn open(
+        &mut self,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> Result<(h2::client::ResponseFuture, h2::SendStream<Bytes>), h2::Error> {
         self.send = self.send.clone().ready().await?;
-        self.send.send_request(Self::head(path, &[]), false)
+        self.send.send_request(Self::head(path, headers), false)
     }
 }
 
