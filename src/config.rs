@@ -86,6 +86,16 @@ pub struct ServeSettings {
     #[arg(long, env = "MAX_CONCURRENT_REQUESTS", default_value_t = 256)]
     pub max_concurrent_requests: usize,
 
+    /// Most ChannelAssignment RPCs of one organization handled at once, so
+    /// that one tenant's flood leaves room for the others; more are refused
+    /// at once with RESOURCE_EXHAUSTED.
+    #[arg(
+        long,
+        env = "MAX_CONCURRENT_REQUESTS_PER_ORGANIZATION",
+        default_value_t = 64
+    )]
+    pub max_concurrent_requests_per_organization: usize,
+
     /// Most HTTP/2 streams (RPCs in progress) one connection may have open;
     /// one more is refused with REFUSED_STREAM, which clients retry.
     #[arg(long, env = "GRPC_MAX_CONCURRENT_STREAMS", default_value_t = 200)]
@@ -219,6 +229,7 @@ impl ServeSettings {
             grpc_listen_addr: "127.0.0.1:0".to_owned(),
             metrics_listen_addr: Some("127.0.0.1:0".to_owned()),
             max_concurrent_requests: 256,
+            max_concurrent_requests_per_organization: 64,
             max_concurrent_streams: 200,
             max_connections: 1000,
             handshake_timeout: Duration::from_secs(10),

@@ -43,6 +43,9 @@ pub enum ServiceError {
     /// More requests in flight than the server takes: shed at once.
     #[error("too many requests in flight")]
     Overloaded,
+    /// More requests of the caller's organization in flight than its share.
+    #[error("too many requests of one organization in flight")]
+    OrganizationOverloaded,
     /// More health `Watch` streams on one connection than it may hold.
     #[error("too many health watch streams on this connection")]
     TooManyWatchStreams,
@@ -98,7 +101,9 @@ impl ServiceError {
                 "PHONE_NUMBER_ALREADY_ASSIGNED"
             }
             Self::DeadlineExceeded => "DEADLINE_EXCEEDED",
-            Self::Overloaded | Self::TooManyWatchStreams => "RESOURCE_EXHAUSTED",
+            Self::Overloaded | Self::OrganizationOverloaded | Self::TooManyWatchStreams => {
+                "RESOURCE_EXHAUSTED"
+            }
             Self::Unavailable(_) => "UNAVAILABLE",
             Self::Internal(_) => "INTERNAL",
             Self::RequestAbandoned => "CANCELLED",
@@ -118,7 +123,9 @@ impl ServiceError {
             Self::IdentityNotFound(_) | Self::ChannelNotFound(..) => (Code::NotFound, 404),
             Self::ChannelAlreadyAssigned(..) => (Code::AlreadyExists, 409),
             Self::DeadlineExceeded => (Code::DeadlineExceeded, 504),
-            Self::Overloaded | Self::TooManyWatchStreams => (Code::ResourceExhausted, 429),
+            Self::Overloaded | Self::OrganizationOverloaded | Self::TooManyWatchStreams => {
+                (Code::ResourceExhausted, 429)
+            }
             Self::Unavailable(_) => (Code::Unavailable, 503),
             Self::Internal(_) => (Code::Internal, 500),
             // As google.rpc.Code documents the HTTP equivalents.
@@ -154,6 +161,9 @@ impl ServiceError {
             }
             Self::DeadlineExceeded => "the request's deadline passed".to_owned(),
             Self::Overloaded => "the server is at capacity, retry shortly".to_owned(),
+            Self::OrganizationOverloaded => {
+                "your organization has too many requests in flight, retry shortly".to_owned()
+            }
             Self::TooManyWatchStreams => {
                 "too many health watch streams on this connection".to_owned()
             }
@@ -291,7 +301,7 @@ impl From<ServiceError> for Status {
                     "no such identity in the caller's organization",
                 );
             }
-            ServiceError::Overloaded => {
+            ServiceError::Overloaded | ServiceError::OrganizationOverloaded => {
                 details.set_retry_info(Some(std::time::Duration::from_millis(
                     OVERLOAD_RETRY_DELAY_MS,
                 )));

@@ -1,6 +1,7 @@
 //! channel-assignment: links mailboxes and phone numbers to AI-agent
 //! identities, over gRPC, in front of PostgreSQL.
 
+pub mod admission;
 pub mod auth;
 pub mod codec;
 pub mod config;

@@ -1,38 +1,33 @@
 //! The four RPCs: parse the request at the edge, run one store operation
 //! within the request's deadline, map the result.
 
-use std::{future::Future, sync::Arc, time::Duration};
+use std::{future::Future, time::Duration};
 
 use chrono::{DateTime, Utc};
-use tokio::{
-    sync::{OwnedSemaphorePermit, Semaphore},
-    time::Instant,
-};
+use tokio::time::Instant;
 use tonic::{Extensions, Request, Response, Status, metadata::MetadataMap};
 use tracing::Instrument as _;
 
+use crate::admission::{Admission, Admitted};
 use crate::deadline::{Arrival, Budget, StatementGate, parse_grpc_timeout};
 use crate::domain::{AgentHandle, ChannelId, ChannelKind, OrganizationId};
 use crate::error::{FieldViolation, ServiceError};
 use crate::proto::{self, channel_assignment_server::ChannelAssignment};
 use crate::store::{IdentityRecord, MailboxRecord, PhoneNumberRecord, Store};
 
-/// A place among the requests doing database work, held until the work ends.
-type Admitted = OwnedSemaphorePermit;
-
 pub struct ChannelAssignmentService {
     store: Store,
     request_timeout: Duration,
-    /// Requests being handled; one more than it allows is shed, not queued.
-    capacity: Arc<Semaphore>,
+    /// Who may do database work now (src/admission.rs).
+    admission: Admission,
 }
 
 impl ChannelAssignmentService {
-    pub fn new(store: Store, request_timeout: Duration, max_concurrent_requests: usize) -> Self {
+    pub fn new(store: Store, request_timeout: Duration, admission: Admission) -> Self {
         Self {
             store,
             request_timeout,
-            capacity: Arc::new(Semaphore::new(max_concurrent_requests)),
+            admission,
         }
     }
 
@@ -58,7 +53,7 @@ impl ChannelAssignmentService {
         let (Some(handle), Some(channel)) = (handle, channel) else {
             return Err(ServiceError::InvalidArgument(violations));
         };
-        let permit = self.admit()?;
+        let permit = self.admission.admit(&organization)?;
         let budget = self.budget(metadata, extensions);
         let store = self.store.clone();
         let window = budget.write_window();
@@ -84,22 +79,13 @@ impl ChannelAssignmentService {
         let Some(handle) = parse_handle(raw_handle, &mut violations) else {
             return Err(ServiceError::InvalidArgument(violations));
         };
-        let permit = self.admit()?;
+        let permit = self.admission.admit(&organization)?;
         let budget = self.budget(metadata, extensions);
         let store = self.store.clone();
         let window = budget.write_window();
         let gate = window.gate.clone();
         let work = async move { store.unassign(&organization, &handle, kind, &window).await };
         within(budget.answer_by, gate, permit, work).await
-    }
-
-    /// Takes a place among the requests doing database work, or sheds this
-    /// one at once: queueing without bound only turns overload into timeouts
-    /// for everyone.
-    fn admit(&self) -> Result<Admitted, ServiceError> {
-        Arc::clone(&self.capacity)
-            .try_acquire_owned()
-            .map_err(|_| ServiceError::Overloaded)
     }
 
     /// The time this request has: the server's request timeout, or the

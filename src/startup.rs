@@ -9,6 +9,7 @@ use tokio_util::task::AbortOnDropHandle;
 use tonic::transport::Server;
 use tonic_health::ServingStatus;
 
+use crate::admission::Admission;
 use crate::auth::Authenticator;
 use crate::config::ServeSettings;
 use crate::connections::{ConnectionLimits, Incoming};
@@ -134,11 +135,13 @@ impl Application {
         let reflection_v1 = reflection_builder().build_v1()?;
         let reflection_v1alpha = reflection_builder().build_v1alpha()?;
 
-        let service = ChannelAssignmentService::new(
-            store.clone(),
-            settings.request_timeout,
+        let admission = Admission::new(
             settings.max_concurrent_requests,
+            settings.max_concurrent_requests_per_organization,
+            Arc::clone(&metrics),
         );
+        let service =
+            ChannelAssignmentService::new(store.clone(), settings.request_timeout, admission);
         let service = ChannelAssignmentServer::new(service)
             .max_decoding_message_size(MAX_MESSAGE_SIZE)
             .max_encoding_message_size(MAX_MESSAGE_SIZE);

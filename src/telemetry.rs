@@ -28,12 +28,18 @@ use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
 use crate::{config::LogFormat, metrics::Metrics};
 
+/// Log levels unless `RUST_LOG` says otherwise. h2 warns once per
+/// connection that resets streams too fast (its rapid-reset defence, which
+/// then closes the connection): hundreds of lines a second from one
+/// attacker, about something already handled. Its errors still show.
+pub const DEFAULT_LOG_FILTER: &str = "info,sqlx=warn,h2=error,hyper=error,tower=warn";
+
 /// Installs the global subscriber. `RUST_LOG` overrides the default levels.
 /// With an OTLP endpoint, spans are exported too (batched, on the runtime);
 /// call `shutdown` on the result before exiting, to flush them.
 pub fn init(format: LogFormat, otlp_endpoint: Option<&str>) -> anyhow::Result<Telemetry> {
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,h2=warn,tower=warn"));
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_LOG_FILTER));
     let tracer_provider = otlp_endpoint.map(tracer_provider).transpose()?;
     let otel_layer = tracer_provider.as_ref().map(|provider| {
         tracing_opentelemetry::layer().with_tracer(provider.tracer("channel-assignment"))

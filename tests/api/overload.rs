@@ -62,6 +62,59 @@ async fn requests_beyond_capacity_are_shed_at_once_and_health_still_answers(pool
 }
 
 #[sqlx::test]
+async fn one_organization_flooding_leaves_the_others_served(pool: PgPool) {
+    let mut settings = test_settings(AuthSettings::hs256(SECRET));
+    settings.max_concurrent_requests = 8;
+    settings.max_concurrent_requests_per_organization = 3;
+    let app = spawn_app_with_settings(&pool, settings).await;
+    insert_identity(&pool, ORG, "sales-agent").await;
+    insert_identity(&pool, OTHER_ORG, "other-agent").await;
+    let mut other_mailboxes = Vec::new();
+    for _ in 0..20 {
+        other_mailboxes.push(insert_mailbox(&pool, OTHER_ORG).await.to_string());
+    }
+
+    // ORG floods: its requests wait on a row lock, so they stay in flight.
+    let lock = lock_identity(&pool, "sales-agent").await;
+    let mut flood = Vec::new();
+    for _ in 0..10 {
+        let mailbox = insert_mailbox(&pool, ORG).await.to_string();
+        flood.push(spawn_assign_mailbox(
+            app.channel.clone(),
+            "sales-agent",
+            mailbox,
+        ));
+    }
+    wait_until_blocked(&pool).await;
+
+    // The other organization is served throughout, one request after another.
+    for mailbox in &other_mailboxes {
+        app.assign_mailbox(OTHER_ORG, "other-agent", mailbox)
+            .await
+            .expect("another organization's request is served");
+    }
+    lock.rollback().await.unwrap();
+    let mut shed = 0;
+    let mut served = 0;
+    for request in flood {
+        match request.await.unwrap() {
+            Ok(_) => served += 1,
+            Err(status) => {
+                let status = assert_error(
+                    Err::<(), _>(status),
+                    Code::ResourceExhausted,
+                    "RESOURCE_EXHAUSTED",
+                );
+                assert!(status.get_details_retry_info().is_some());
+                assert!(status.message().contains("organization"), "{status:?}");
+                shed += 1;
+            }
+        }
+    }
+    assert_eq!((served, shed), (3, 7), "ORG gets its share, no more");
+}
+
+#[sqlx::test]
 async fn oversized_messages_are_refused_and_change_nothing(pool: PgPool) {
     let app = spawn_app(&pool).await;
     insert_identity(&pool, ORG, "sales-agent").await;
