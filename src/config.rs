@@ -156,7 +156,8 @@ pub struct ServeSettings {
 
 #[derive(Debug, Clone, Args)]
 pub struct AuthSettings {
-    /// Shared secret for HS256 tokens (at least 16 bytes).
+    /// Shared secret for HS256 tokens (not empty; under 32 bytes starts
+    /// with a warning, as RFC 7518 asks for 32).
     #[arg(
         long = "auth-jwt-hs256-secret",
         env = "AUTH_JWT_HS256_SECRET",
