@@ -15,7 +15,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     tonic_prost_build::configure()
         // prost's codec, with the contract's error for undecodable messages.
-        .codec_path("crate::codec::ContractCodec")
+        .codec_path("crate::api::grpc::codec::ContractCodec")
         // Identity details carry e-mail addresses and phone numbers: keep them
         // out of logs that print a request or response with `{:?}`.
         .skip_debug([

@@ -5,7 +5,7 @@ use std::{future::Future, net::SocketAddr, time::Duration};
 use anyhow::Context as _;
 use sqlx::{PgPool, Postgres, migrate::MigrateDatabase as _};
 
-use crate::{MIGRATOR, auth, config::ServeSettings, database::Database, startup};
+use crate::{MIGRATOR, auth, config::ServeSettings, startup, store::database::Database};
 
 /// The machine's local PostgreSQL (trust auth), a database of our own.
 pub const DEFAULT_DEV_DATABASE_URL: &str =

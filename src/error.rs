@@ -53,8 +53,8 @@ pub enum ServiceError {
     #[error("the request ended before its message arrived")]
     RequestAbandoned,
     /// A request message over the size limit (refused by tonic).
-    #[error("the request message is too large")]
-    MessageTooLarge,
+    #[error("the request message is over {0} bytes")]
+    MessageTooLarge(usize),
     /// A path under the service that names none of its methods.
     #[error("unknown method")]
     UnknownMethod,
@@ -107,9 +107,9 @@ impl ServiceError {
             Self::Unavailable(_) => "UNAVAILABLE",
             Self::Internal(_) => "INTERNAL",
             Self::RequestAbandoned => "CANCELLED",
-            Self::MessageTooLarge => "MESSAGE_TOO_LARGE",
+            Self::MessageTooLarge(_) => "MESSAGE_TOO_LARGE",
             Self::UnknownMethod => "UNIMPLEMENTED",
-            Self::Transport(code, _) => crate::telemetry::code_name(*code),
+            Self::Transport(code, _) => code_name(*code),
         }
     }
 
@@ -130,7 +130,7 @@ impl ServiceError {
             Self::Internal(_) => (Code::Internal, 500),
             // As google.rpc.Code documents the HTTP equivalents.
             Self::RequestAbandoned => (Code::Cancelled, 499),
-            Self::MessageTooLarge => (Code::OutOfRange, 413),
+            Self::MessageTooLarge(_) => (Code::OutOfRange, 413),
             Self::UnknownMethod => (Code::Unimplemented, 501),
             Self::Transport(code, _) => (*code, http_status_of(*code)),
         }
@@ -172,10 +172,9 @@ impl ServiceError {
             }
             Self::Internal(_) => "internal error".to_owned(),
             Self::RequestAbandoned => "the request ended before its message arrived".to_owned(),
-            Self::MessageTooLarge => format!(
-                "the request message is larger than {} KiB",
-                crate::startup::MAX_MESSAGE_SIZE / 1024
-            ),
+            Self::MessageTooLarge(limit) => {
+                format!("the request message is larger than {} KiB", limit / 1024)
+            }
             Self::UnknownMethod => "unknown method".to_owned(),
             Self::Transport(..) => "the request could not be handled".to_owned(),
         }
@@ -334,4 +333,27 @@ pub fn anyhow_chain(error: &(dyn std::error::Error + 'static)) -> String {
         source = cause.source();
     }
     rendered
+}
+
+/// The canonical name of a gRPC code, as in the gRPC spec and grpcurl.
+pub fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
 }

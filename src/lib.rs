@@ -1,23 +1,27 @@
 //! channel-assignment: links mailboxes and phone numbers to AI-agent
 //! identities, over gRPC, in front of PostgreSQL.
+//!
+//! - `api/grpc/` — the transport: one module per gRPC service, plus the
+//!   server's own layers (connection bounds, health, error details, the
+//!   per-RPC log line and metrics).
+//! - `operations/` — what every RPC does whatever the transport: parse the
+//!   arguments, admit the call, run its statement within its deadline.
+//! - `store/` — all SQL, one statement per operation, and the pool.
+//! - `domain`, `error`, `auth`, `config`, `metrics`, `telemetry`, `startup`:
+//!   values valid by construction, the one error table, credentials, settings,
+//!   observability, and the assembly of the server.
 
-pub mod admission;
+pub mod api;
 pub mod auth;
-pub mod codec;
 pub mod config;
-pub mod connections;
-pub mod database;
-pub mod deadline;
 pub mod dev;
 pub mod domain;
 pub mod error;
-pub mod health;
 pub mod metrics;
-pub mod service;
+pub mod operations;
 pub mod startup;
 pub mod store;
 pub mod telemetry;
-pub mod transport_errors;
 
 pub mod proto {
     #![allow(clippy::all, clippy::pedantic)]

@@ -4,8 +4,9 @@ use anyhow::Context as _;
 use channel_assignment::{
     MIGRATOR, auth,
     config::{Cli, Command, DatabaseSettings},
-    database::Database,
-    dev, startup, telemetry,
+    dev, startup,
+    store::database::Database,
+    telemetry,
 };
 use clap::Parser as _;
 

@@ -9,21 +9,23 @@ use tokio_util::task::AbortOnDropHandle;
 use tonic::transport::Server;
 use tonic_health::ServingStatus;
 
-use crate::admission::Admission;
+use crate::api::grpc::MAX_MESSAGE_SIZE;
+use crate::api::grpc::assignment::ChannelAssignmentService;
+use crate::api::grpc::connections::{ConnectionLimits, Incoming};
+use crate::api::grpc::health::{
+    DATABASE_DEPENDENT_SERVICES, LIVENESS, LimitWatchStreams, monitor_database,
+};
+use crate::api::grpc::observe::{self, ObserveRpcLayer};
+use crate::api::grpc::transport_errors::TransportErrorsLayer;
 use crate::auth::Authenticator;
 use crate::config::ServeSettings;
-use crate::connections::{ConnectionLimits, Incoming};
-use crate::database::Database;
-use crate::health::{DATABASE_DEPENDENT_SERVICES, LIVENESS, LimitWatchStreams, monitor_database};
 use crate::metrics::Metrics;
+use crate::operations::Operations;
+use crate::operations::admission::Admission;
 use crate::proto::channel_assignment_server::ChannelAssignmentServer;
-use crate::service::ChannelAssignmentService;
 use crate::store::Store;
-use crate::telemetry::{self, ObserveRpcLayer};
-use crate::transport_errors::TransportErrorsLayer;
+use crate::store::database::Database;
 
-/// Largest request message accepted; the real ones are a few hundred bytes.
-pub const MAX_MESSAGE_SIZE: usize = 64 * 1024;
 /// How long a keepalive ping may go unanswered before the connection is closed.
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Room for an oversized token to reach the auth check (which refuses it
@@ -140,8 +142,8 @@ impl Application {
             settings.max_concurrent_requests_per_organization,
             Arc::clone(&metrics),
         );
-        let service =
-            ChannelAssignmentService::new(store.clone(), settings.request_timeout, admission);
+        let operations = Operations::new(store.clone(), admission, settings.request_timeout);
+        let service = ChannelAssignmentService::new(operations);
         let service = ChannelAssignmentServer::new(service)
             .max_decoding_message_size(MAX_MESSAGE_SIZE)
             .max_encoding_message_size(MAX_MESSAGE_SIZE);
@@ -150,7 +152,7 @@ impl Application {
             service,
             move |mut request: tonic::Request<()>| {
                 let organization = authenticator.authenticate(request.metadata())?;
-                telemetry::record_organization(organization.as_str());
+                observe::record_organization(organization.as_str());
                 request.extensions_mut().insert(organization);
                 Ok(request)
             },

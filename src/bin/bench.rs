@@ -428,7 +428,7 @@ async fn send(
     };
     match result {
         Ok(()) => "OK",
-        Err(status) => telemetry::code_name(status.code()),
+        Err(status) => channel_assignment::error::code_name(status.code()),
     }
 }
 

@@ -5,9 +5,9 @@ use std::{path::PathBuf, time::Duration};
 
 use channel_assignment::{
     config::{AuthSettings, ServeSettings},
-    database::Database,
     proto::{self, Identity, channel_assignment_client::ChannelAssignmentClient},
     startup::{self, Application},
+    store::database::Database,
 };
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use sqlx::PgPool;

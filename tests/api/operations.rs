@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use channel_assignment::{config::AuthSettings, database::Database};
+use channel_assignment::{config::AuthSettings, store::database::Database};
 use sqlx::{PgPool, postgres::PgConnectOptions};
 use tokio_stream::StreamExt as _;
 use tonic::Code;

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use channel_assignment::{
     config::AuthSettings,
-    database::{Database, Lease},
+    store::database::{Database, Lease},
 };
 use futures::future::join_all;
 use sqlx::PgPool;

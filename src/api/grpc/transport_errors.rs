@@ -90,7 +90,7 @@ fn with_details(response: http::Response<Body>, body_failed: bool) -> http::Resp
     } else {
         match code {
             Code::Ok => return response,
-            Code::OutOfRange => ServiceError::MessageTooLarge,
+            Code::OutOfRange => ServiceError::MessageTooLarge(super::MAX_MESSAGE_SIZE),
             Code::Unimplemented => ServiceError::UnknownMethod,
             _ => {
                 let message = headers

@@ -15,10 +15,10 @@ use tonic::server::NamedService;
 use tonic_health::{ServingStatus, server::HealthReporter};
 use tower::Service;
 
-use crate::connections::ConnectionInfo;
+use crate::api::grpc::assignment::ChannelAssignmentService;
+use crate::api::grpc::connections::ConnectionInfo;
 use crate::error::{ServiceError, anyhow_chain};
 use crate::proto::channel_assignment_server::ChannelAssignmentServer;
-use crate::service::ChannelAssignmentService;
 use crate::store::Store;
 
 /// Health service names that follow the database.

@@ -1,0 +1,114 @@
+//! The `ChannelAssignment` RPCs over gRPC: the caller and its deadline from
+//! the request, the operation from `operations`, the answer as protobuf.
+
+use tonic::{Request, Response, Status};
+
+use crate::domain::{ChannelKind, OrganizationId};
+use crate::error::ServiceError;
+use crate::operations::{Call, Operations, deadline::Arrival, deadline::parse_grpc_timeout};
+use crate::proto::{self, channel_assignment_server::ChannelAssignment};
+
+pub struct ChannelAssignmentService {
+    operations: Operations,
+}
+
+impl ChannelAssignmentService {
+    pub fn new(operations: Operations) -> Self {
+        Self { operations }
+    }
+}
+
+/// The call as the operations know it: the organization the auth
+/// interceptor put on the request (its absence is a wiring bug, never the
+/// caller's fault), the arrival the outermost layer noted, and the client's
+/// `grpc-timeout`.
+pub fn call_of<T>(request: &Request<T>) -> Result<Call, ServiceError> {
+    let organization = request
+        .extensions()
+        .get::<OrganizationId>()
+        .cloned()
+        .ok_or_else(|| {
+            ServiceError::Internal(anyhow::anyhow!(
+                "request reached the service without an organization"
+            ))
+        })?;
+    let arrived = request
+        .extensions()
+        .get::<Arrival>()
+        .map_or_else(tokio::time::Instant::now, |arrival| arrival.0);
+    let client_timeout = request
+        .metadata()
+        .get("grpc-timeout")
+        .and_then(|value| value.to_str().ok())
+        .and_then(parse_grpc_timeout);
+    Ok(Call {
+        organization,
+        arrived,
+        client_timeout,
+    })
+}
+
+#[tonic::async_trait]
+impl ChannelAssignment for ChannelAssignmentService {
+    async fn assign_mailbox(
+        &self,
+        request: Request<proto::AssignMailboxRequest>,
+    ) -> Result<Response<proto::Identity>, Status> {
+        let call = call_of(&request)?;
+        let message = request.get_ref();
+        let identity = self
+            .operations
+            .assign(
+                &call,
+                ChannelKind::Mailbox,
+                &message.agent_handle,
+                &message.mailbox_id,
+            )
+            .await?;
+        Ok(Response::new(identity.into()))
+    }
+
+    async fn unassign_mailbox(
+        &self,
+        request: Request<proto::UnassignMailboxRequest>,
+    ) -> Result<Response<()>, Status> {
+        let call = call_of(&request)?;
+        self.operations
+            .unassign(&call, ChannelKind::Mailbox, &request.get_ref().agent_handle)
+            .await?;
+        Ok(Response::new(()))
+    }
+
+    async fn assign_phone_number(
+        &self,
+        request: Request<proto::AssignPhoneNumberRequest>,
+    ) -> Result<Response<proto::Identity>, Status> {
+        let call = call_of(&request)?;
+        let message = request.get_ref();
+        let identity = self
+            .operations
+            .assign(
+                &call,
+                ChannelKind::PhoneNumber,
+                &message.agent_handle,
+                &message.phone_number_id,
+            )
+            .await?;
+        Ok(Response::new(identity.into()))
+    }
+
+    async fn unassign_phone_number(
+        &self,
+        request: Request<proto::UnassignPhoneNumberRequest>,
+    ) -> Result<Response<()>, Status> {
+        let call = call_of(&request)?;
+        self.operations
+            .unassign(
+                &call,
+                ChannelKind::PhoneNumber,
+                &request.get_ref().agent_handle,
+            )
+            .await?;
+        Ok(Response::new(()))
+    }
+}

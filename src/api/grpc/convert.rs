@@ -1,0 +1,83 @@
+//! Domain records to their protobuf messages.
+
+use chrono::{DateTime, Utc};
+
+use crate::proto;
+use crate::store::{IdentityRecord, MailboxRecord, PhoneNumberRecord};
+
+pub fn timestamp(at: DateTime<Utc>) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: at.timestamp(),
+        // Always below 10^9 outside leap seconds, which PostgreSQL never stores.
+        nanos: i32::try_from(at.timestamp_subsec_nanos()).unwrap_or(999_999_999),
+    }
+}
+
+impl From<IdentityRecord> for proto::Identity {
+    fn from(record: IdentityRecord) -> Self {
+        use proto::IdentityStatus as S;
+        let status = match record.status.as_str() {
+            "active" => S::Active,
+            "paused" => S::Paused,
+            "deleted" => S::Deleted,
+            _ => S::Unspecified,
+        };
+        Self {
+            id: record.id.to_string(),
+            organization_id: record.organization_id,
+            agent_handle: record.agent_handle,
+            display_name: record.display_name.unwrap_or_default(),
+            mailbox: record.mailbox.map(Into::into),
+            phone_number: record.phone_number.map(Into::into),
+            created_at: Some(timestamp(record.created_at)),
+            updated_at: Some(timestamp(record.updated_at)),
+            status: status.into(),
+        }
+    }
+}
+
+impl From<MailboxRecord> for proto::Mailbox {
+    fn from(record: MailboxRecord) -> Self {
+        use proto::MailboxStatus as S;
+        let status = match record.status.as_str() {
+            "active" => S::Active,
+            "paused" => S::Paused,
+            "deleted" => S::Deleted,
+            _ => S::Unspecified,
+        };
+        Self {
+            id: record.id.to_string(),
+            email_address: record.email_address,
+            display_name: record.display_name.unwrap_or_default(),
+            created_at: Some(timestamp(record.created_at)),
+            status: status.into(),
+            updated_at: Some(timestamp(record.updated_at)),
+        }
+    }
+}
+
+impl From<PhoneNumberRecord> for proto::PhoneNumber {
+    fn from(record: PhoneNumberRecord) -> Self {
+        use proto::{PhoneNumberStatus as S, PhoneNumberType as T};
+        let status = match record.status.as_str() {
+            "active" => S::Active,
+            "paused" => S::Paused,
+            "released" => S::Released,
+            _ => S::Unspecified,
+        };
+        let number_type = match record.number_type.as_str() {
+            "local" => T::Local,
+            "toll_free" => T::TollFree,
+            _ => T::Unspecified,
+        };
+        Self {
+            id: record.id.to_string(),
+            number: record.number,
+            created_at: Some(timestamp(record.created_at)),
+            r#type: number_type.into(),
+            status: status.into(),
+            incoming_call_action: record.incoming_call_action.unwrap_or_default(),
+            updated_at: Some(timestamp(record.updated_at)),
+        }
+    }
+}

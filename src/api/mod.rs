@@ -1,0 +1,4 @@
+//! The service's transports. Each adapts requests to `operations` and
+//! renders `error::ServiceError` in its own terms.
+
+pub mod grpc;
