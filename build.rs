@@ -5,7 +5,13 @@ use prost::Message;
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     // protox compiles in-process, so neither developers, CI nor the image build
     // need a system `protoc`.
-    let file_descriptors = protox::compile(["channels/v1/channel_assignment.proto"], ["proto"])?;
+    let file_descriptors = protox::compile(
+        [
+            "channels/v1/channel_assignment.proto",
+            "channels/v1/channel_inventory.proto",
+        ],
+        ["proto"],
+    )?;
 
     let out_dir = PathBuf::from(env::var("OUT_DIR")?);
     fs::write(
@@ -22,6 +28,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             ".channels.v1.Identity",
             ".channels.v1.Mailbox",
             ".channels.v1.PhoneNumber",
+            ".channels.v1.LookupIdentityRequest",
+            ".channels.v1.UpsertIdentityRequest",
+            ".channels.v1.UpsertMailboxRequest",
+            ".channels.v1.UpsertPhoneNumberRequest",
         ])
         .compile_fds(file_descriptors)?;
 

@@ -15,6 +15,12 @@ use crate::domain::OrganizationId;
 use crate::error::ServiceError;
 
 pub const TRUSTED_ORGANIZATION_HEADER: &str = "x-organization-id";
+/// With the trusted header: the caller's scopes, as the gateway passes them.
+pub const TRUSTED_SCOPE_HEADER: &str = "x-scope";
+/// With the trusted header: the caller's subject (the events' actor).
+pub const TRUSTED_SUBJECT_HEADER: &str = "x-subject";
+/// The scope `ChannelInventory` needs.
+pub const INVENTORY_SCOPE: &str = "channels.inventory";
 
 /// Far above any real token (README, "Authentication"); refuses to spend
 /// work on junk. The server's
@@ -55,9 +61,28 @@ pub struct Authenticator {
     verified: quick_cache::sync::Cache<Box<str>, VerifiedToken, TokenBytes>,
 }
 
+/// Who is calling: their organization, the OAuth 2 scopes their credentials
+/// grant (space-separated, as issued), and the subject, if named.
+#[derive(Clone, Debug)]
+pub struct Caller {
+    pub organization: OrganizationId,
+    scope: Box<str>,
+    pub subject: Option<Box<str>>,
+}
+
+impl Caller {
+    /// Whether `wanted` is one of the granted scopes: whole tokens only
+    /// (`channels.inventory.read` does not grant `channels.inventory`).
+    pub fn has_scope(&self, wanted: &str) -> bool {
+        self.scope.split(' ').any(|granted| granted == wanted)
+    }
+}
+
 #[derive(Clone)]
 struct VerifiedToken {
     organization: OrganizationId,
+    scope: Box<str>,
+    subject: Option<Box<str>>,
     /// Seconds since the Unix epoch, as `exp` is.
     usable_before: u64,
 }
@@ -70,7 +95,12 @@ struct TokenBytes;
 impl quick_cache::Weighter<Box<str>, VerifiedToken> for TokenBytes {
     fn weight(&self, token: &Box<str>, verified: &VerifiedToken) -> u64 {
         const ENTRY_OVERHEAD: usize = 64;
-        (token.len() + verified.organization.as_str().len() + ENTRY_OVERHEAD) as u64
+        let subject = verified.subject.as_deref().map_or(0, str::len);
+        (token.len()
+            + verified.organization.as_str().len()
+            + verified.scope.len()
+            + subject
+            + ENTRY_OVERHEAD) as u64
     }
 }
 
@@ -84,6 +114,11 @@ struct Claims {
     /// long the verification is remembered.
     #[serde(default)]
     exp: Option<serde_json::Value>,
+    /// OAuth 2 scopes, space-separated; anything but a string grants none.
+    #[serde(default)]
+    scope: Option<serde_json::Value>,
+    #[serde(default)]
+    sub: Option<serde_json::Value>,
 }
 
 impl Authenticator {
@@ -133,28 +168,43 @@ impl Authenticator {
         })
     }
 
+    /// The caller's organization (see `caller`).
     pub fn authenticate(&self, metadata: &MetadataMap) -> Result<OrganizationId, ServiceError> {
+        self.caller(metadata).map(|caller| caller.organization)
+    }
+
+    /// Who is calling, from the bearer token, or from the gateway's headers
+    /// when `AUTH_TRUSTED_HEADER` is on and it set `x-organization-id`.
+    pub fn caller(&self, metadata: &MetadataMap) -> Result<Caller, ServiceError> {
         if self.trusted_header
             && let Some(organization) = trusted_organization(metadata)?
         {
             // A token beside the header is a second credential: it must be
             // valid and agree, or the request is refused rather than served
             // for whichever one the gateway happened to set.
-            if metadata.contains_key("authorization") {
-                let token_organization = self.organization_from_token(metadata)?;
-                if token_organization != organization {
+            let token_caller = if metadata.contains_key("authorization") {
+                let token_caller = self.caller_from_token(metadata)?;
+                if token_caller.organization != organization {
                     return Err(ServiceError::ConflictingOrganizations);
                 }
-            }
-            return Ok(organization);
+                Some(token_caller)
+            } else {
+                None
+            };
+            // The gateway's word on scopes and subject, as on the organization.
+            let subject = header_text(metadata, TRUSTED_SUBJECT_HEADER)
+                .map(Into::into)
+                .or_else(|| token_caller.and_then(|caller| caller.subject));
+            return Ok(Caller {
+                organization,
+                scope: trusted_scope(metadata).into(),
+                subject,
+            });
         }
-        self.organization_from_token(metadata)
+        self.caller_from_token(metadata)
     }
 
-    fn organization_from_token(
-        &self,
-        metadata: &MetadataMap,
-    ) -> Result<OrganizationId, ServiceError> {
+    fn caller_from_token(&self, metadata: &MetadataMap) -> Result<Caller, ServiceError> {
         let token = bearer_token(metadata)?;
         if token.len() > MAX_TOKEN_LEN {
             return Err(ServiceError::Unauthenticated(
@@ -165,7 +215,11 @@ impl Authenticator {
         if let Some(verified) = self.verified.get(token)
             && now < verified.usable_before
         {
-            return Ok(verified.organization);
+            return Ok(Caller {
+                organization: verified.organization,
+                scope: verified.scope,
+                subject: verified.subject,
+            });
         }
         let claims = self.verify(token)?;
         let organization = match claims.org_id {
@@ -174,6 +228,14 @@ impl Authenticator {
             }
             _ => return Err(ServiceError::OrganizationIdMissing),
         };
+        let scope: Box<str> = match &claims.scope {
+            Some(serde_json::Value::String(scope)) => scope.as_str().into(),
+            _ => "".into(),
+        };
+        let subject: Option<Box<str>> = match &claims.sub {
+            Some(serde_json::Value::String(subject)) => Some(subject.as_str().into()),
+            _ => None,
+        };
         // A fractional or out-of-range `exp` that the verifier accepted is
         // simply not remembered.
         if let Some(exp) = claims.exp.as_ref().and_then(serde_json::Value::as_u64) {
@@ -181,11 +243,17 @@ impl Authenticator {
                 token.into(),
                 VerifiedToken {
                     organization: organization.clone(),
+                    scope: scope.clone(),
+                    subject: subject.clone(),
                     usable_before: exp.saturating_add(self.leeway_seconds),
                 },
             );
         }
-        Ok(organization)
+        Ok(Caller {
+            organization,
+            scope,
+            subject,
+        })
     }
 
     fn verify(&self, token: &str) -> Result<Claims, ServiceError> {
@@ -215,6 +283,24 @@ impl Authenticator {
                 _ => INVALID,
             })
     }
+}
+
+/// With the trusted header: the scopes the gateway grants, space-separated
+/// in one or more `x-scope` headers.
+fn trusted_scope(metadata: &MetadataMap) -> String {
+    metadata
+        .get_all(TRUSTED_SCOPE_HEADER)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn header_text<'a>(metadata: &'a MetadataMap, name: &str) -> Option<&'a str> {
+    metadata
+        .get(name)
+        .and_then(|value| value.to_str().ok())
+        .filter(|value| !value.is_empty())
 }
 
 /// The organization named by the trusted header, if the request has one.
@@ -331,6 +417,7 @@ pub fn mint_hs256_token(
     ttl: std::time::Duration,
     issuer: Option<&str>,
     audience: Option<&str>,
+    scopes: &[String],
 ) -> anyhow::Result<String> {
     let now = chrono::Utc::now().timestamp();
     let ttl = i64::try_from(ttl.as_secs()).context("token lifetime is too long")?;
@@ -339,6 +426,14 @@ pub fn mint_hs256_token(
         "iat": now,
         "exp": now.saturating_add(ttl),
     });
+    let scope = scopes
+        .iter()
+        .flat_map(|scope| scope.split_whitespace())
+        .collect::<Vec<_>>()
+        .join(" ");
+    if !scope.is_empty() {
+        claims["scope"] = scope.into();
+    }
     if let Some(issuer) = issuer {
         claims["iss"] = issuer.into();
     }

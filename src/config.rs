@@ -96,6 +96,12 @@ pub struct ServeSettings {
     )]
     pub max_concurrent_requests_per_organization: usize,
 
+    /// Key that signs list page tokens; give every replica the same one.
+    /// Unset: derived from AUTH_JWT_HS256_SECRET, else random per process
+    /// (tokens then work on the replica that issued them only).
+    #[arg(long, env = "PAGE_TOKEN_SECRET", hide_env_values = true)]
+    pub page_token_secret: Option<String>,
+
     /// Most HTTP/2 streams (RPCs in progress) one connection may have open;
     /// one more is refused with REFUSED_STREAM, which clients retry.
     #[arg(long, env = "GRPC_MAX_CONCURRENT_STREAMS", default_value_t = 200)]
@@ -214,6 +220,11 @@ pub struct TokenSettings {
 
     #[arg(long = "auth-jwt-audience", env = "AUTH_JWT_AUDIENCE")]
     pub audience: Option<String>,
+
+    /// OAuth 2 scopes to grant (the `scope` claim), repeatable or
+    /// space-separated: `--scope channels.inventory` for ChannelInventory.
+    #[arg(long = "scope")]
+    pub scope: Vec<String>,
 }
 
 impl ServeSettings {
@@ -231,6 +242,7 @@ impl ServeSettings {
             metrics_listen_addr: Some("127.0.0.1:0".to_owned()),
             max_concurrent_requests: 256,
             max_concurrent_requests_per_organization: 64,
+            page_token_secret: None,
             max_concurrent_streams: 200,
             max_connections: 1000,
             handshake_timeout: Duration::from_secs(10),

@@ -66,6 +66,8 @@ pub async fn run(
         TOKEN_TTL,
         settings.auth.issuer.as_deref(),
         settings.auth.audience.as_deref(),
+        // One token for everything the walk-through prints.
+        &[auth::INVENTORY_SCOPE.to_owned()],
     )?;
 
     let options = startup::connect_options(&url, settings.request_timeout)?;

@@ -127,6 +127,118 @@ impl fmt::Display for ChannelId {
     }
 }
 
+/// An e-mail address as the inventory stores it: `local@domain` (split at
+/// the last `@`), both parts non-empty, no whitespace, at most 320
+/// characters. Compared case-insensitively, stored as given.
+#[derive(Clone, PartialEq, Eq)]
+pub struct EmailAddress(String);
+
+impl EmailAddress {
+    pub const MAX_LEN: usize = 320;
+
+    pub fn parse(raw: &str) -> Result<Self, &'static str> {
+        if raw.is_empty() {
+            return Err("email_address is required");
+        }
+        if raw.chars().count() > Self::MAX_LEN {
+            return Err("email_address must be at most 320 characters");
+        }
+        if raw.chars().any(char::is_whitespace) {
+            return Err("email_address must not contain whitespace");
+        }
+        match raw.rsplit_once('@') {
+            Some((local, domain)) if !local.is_empty() && !domain.is_empty() => {
+                Ok(Self(raw.to_owned()))
+            }
+            _ => Err("email_address must be local@domain"),
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// A phone number in E.164: `+`, a non-zero digit, up to 15 digits in all.
+#[derive(Clone, PartialEq, Eq)]
+pub struct E164Number(String);
+
+impl E164Number {
+    pub fn parse(raw: &str, field: &str) -> Result<Self, String> {
+        let digits = raw.strip_prefix('+').unwrap_or_default();
+        let well_formed = (2..=15).contains(&digits.len())
+            && digits.bytes().all(|b| b.is_ascii_digit())
+            && !digits.starts_with('0');
+        if well_formed {
+            Ok(Self(raw.to_owned()))
+        } else if raw.is_empty() {
+            Err(format!("{field} is required"))
+        } else {
+            Err(format!("{field} must be E.164, such as +14155550123"))
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// What `LookupIdentity` finds a channel by.
+#[derive(Clone, Debug)]
+pub enum LookupKey {
+    MailboxId(ChannelId),
+    EmailAddress(EmailAddress),
+    PhoneNumberId(ChannelId),
+    PhoneNumber(E164Number),
+}
+
+impl LookupKey {
+    pub fn kind(&self) -> ChannelKind {
+        match self {
+            Self::MailboxId(_) | Self::EmailAddress(_) => ChannelKind::Mailbox,
+            Self::PhoneNumberId(_) | Self::PhoneNumber(_) => ChannelKind::PhoneNumber,
+        }
+    }
+}
+
+/// The state of an identity, a mailbox or a phone number, as stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Status {
+    Active,
+    Paused,
+    /// An identity or a mailbox that is gone.
+    Deleted,
+    /// A phone number that is gone.
+    Released,
+}
+
+impl Status {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Active => "active",
+            Self::Paused => "paused",
+            Self::Deleted => "deleted",
+            Self::Released => "released",
+        }
+    }
+}
+
+/// A phone number's type, as stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NumberType {
+    Local,
+    TollFree,
+}
+
+impl NumberType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Local => "local",
+            Self::TollFree => "toll_free",
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -233,6 +345,48 @@ mod tests {
             let text = Uuid::from_u128(bits).to_string();
             let parsed = ChannelId::parse(ChannelKind::PhoneNumber, &text).unwrap();
             proptest::prop_assert_eq!(parsed.to_string(), text);
+        }
+    }
+
+    #[test]
+    fn email_addresses_are_local_at_domain() {
+        for raw in [
+            "a@b",
+            "Jane.Doe+tag@example.com",
+            "\"odd@local\"@example.com",
+        ] {
+            assert_eq!(EmailAddress::parse(raw).unwrap().as_str(), raw);
+        }
+        for raw in [
+            "",
+            "no-at-sign",
+            "@example.com",
+            "jane@",
+            "jane doe@example.com",
+            "jane@exa\tmple.com",
+            &format!("{}@example.com", "a".repeat(320)),
+        ] {
+            assert!(EmailAddress::parse(raw).is_err(), "{raw:?}");
+        }
+        let longest = format!("{}@b", "a".repeat(318));
+        assert!(EmailAddress::parse(&longest).is_ok());
+    }
+
+    #[test]
+    fn phone_numbers_are_e164() {
+        for raw in ["+14155550123", "+44", "+123456789012345"] {
+            assert_eq!(E164Number::parse(raw, "number").unwrap().as_str(), raw);
+        }
+        for raw in [
+            "",
+            "14155550123",
+            "+0415555",
+            "+1",
+            "+1234567890123456",
+            "+1 415 555",
+            "+1415555012a",
+        ] {
+            assert!(E164Number::parse(raw, "number").is_err(), "{raw:?}");
         }
     }
 

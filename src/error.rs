@@ -38,6 +38,19 @@ pub enum ServiceError {
     ChannelNotFound(ChannelKind, ChannelId),
     #[error("{0:?} is already assigned to another identity")]
     ChannelAlreadyAssigned(ChannelKind, ChannelId),
+    /// A lookup found no such channel (by address or number: not echoed).
+    #[error("{0:?} not found")]
+    LookupNotFound(ChannelKind),
+    /// The channel exists but no identity holds it.
+    #[error("{0:?} is not assigned")]
+    ChannelNotAssigned(ChannelKind),
+    #[error("the e-mail address is used by another mailbox")]
+    EmailAddressTaken,
+    #[error("the number is used by another phone number")]
+    PhoneNumberTaken,
+    /// The credentials lack the scope the RPC needs.
+    #[error("the credentials lack the {0} scope")]
+    ScopeMissing(&'static str),
     #[error("the request's deadline passed")]
     DeadlineExceeded,
     /// More requests in flight than the server takes: shed at once.
@@ -100,6 +113,13 @@ impl ServiceError {
             Self::ChannelAlreadyAssigned(ChannelKind::PhoneNumber, _) => {
                 "PHONE_NUMBER_ALREADY_ASSIGNED"
             }
+            Self::LookupNotFound(ChannelKind::Mailbox) => "MAILBOX_NOT_FOUND",
+            Self::LookupNotFound(ChannelKind::PhoneNumber) => "PHONE_NUMBER_NOT_FOUND",
+            Self::ChannelNotAssigned(ChannelKind::Mailbox) => "MAILBOX_NOT_ASSIGNED",
+            Self::ChannelNotAssigned(ChannelKind::PhoneNumber) => "PHONE_NUMBER_NOT_ASSIGNED",
+            Self::EmailAddressTaken => "EMAIL_ADDRESS_ALREADY_EXISTS",
+            Self::PhoneNumberTaken => "PHONE_NUMBER_ALREADY_EXISTS",
+            Self::ScopeMissing(_) => "SCOPE_MISSING",
             Self::DeadlineExceeded => "DEADLINE_EXCEEDED",
             Self::Overloaded | Self::OrganizationOverloaded | Self::TooManyWatchStreams => {
                 "RESOURCE_EXHAUSTED"
@@ -120,8 +140,14 @@ impl ServiceError {
                 (Code::PermissionDenied, 403)
             }
             Self::InvalidArgument(_) => (Code::InvalidArgument, 422),
-            Self::IdentityNotFound(_) | Self::ChannelNotFound(..) => (Code::NotFound, 404),
-            Self::ChannelAlreadyAssigned(..) => (Code::AlreadyExists, 409),
+            Self::IdentityNotFound(_)
+            | Self::ChannelNotFound(..)
+            | Self::LookupNotFound(_)
+            | Self::ChannelNotAssigned(_) => (Code::NotFound, 404),
+            Self::ChannelAlreadyAssigned(..) | Self::EmailAddressTaken | Self::PhoneNumberTaken => {
+                (Code::AlreadyExists, 409)
+            }
+            Self::ScopeMissing(_) => (Code::PermissionDenied, 403),
             Self::DeadlineExceeded => (Code::DeadlineExceeded, 504),
             Self::Overloaded | Self::OrganizationOverloaded | Self::TooManyWatchStreams => {
                 (Code::ResourceExhausted, 429)
@@ -159,6 +185,19 @@ impl ServiceError {
                     noun(*kind)
                 )
             }
+            Self::LookupNotFound(kind) => {
+                format!("no such {} in the caller's organization", noun(*kind))
+            }
+            Self::ChannelNotAssigned(kind) => {
+                format!("the {} is not assigned to any identity", noun(*kind))
+            }
+            Self::EmailAddressTaken => {
+                "the e-mail address is used by another mailbox of the organization".to_owned()
+            }
+            Self::PhoneNumberTaken => {
+                "the number is used by another phone number of the organization".to_owned()
+            }
+            Self::ScopeMissing(scope) => format!("the credentials lack the '{scope}' scope"),
             Self::DeadlineExceeded => "the request's deadline passed".to_owned(),
             Self::Overloaded => "the server is at capacity, retry shortly".to_owned(),
             Self::OrganizationOverloaded => {
@@ -262,6 +301,13 @@ fn http_status_of(code: Code) -> u16 {
     }
 }
 
+fn resource_type(kind: ChannelKind) -> &'static str {
+    match kind {
+        ChannelKind::Mailbox => "channels.v1.Mailbox",
+        ChannelKind::PhoneNumber => "channels.v1.PhoneNumber",
+    }
+}
+
 fn noun(kind: ChannelKind) -> &'static str {
     match kind {
         ChannelKind::Mailbox => "mailbox",
@@ -304,6 +350,9 @@ impl From<ServiceError> for Status {
                 details.set_retry_info(Some(std::time::Duration::from_millis(
                     OVERLOAD_RETRY_DELAY_MS,
                 )));
+            }
+            ServiceError::LookupNotFound(kind) | ServiceError::ChannelNotAssigned(kind) => {
+                details.set_resource_info(resource_type(*kind), "", "", error.message());
             }
             ServiceError::ChannelNotFound(kind, id) => {
                 let resource_type = match kind {

@@ -56,6 +56,53 @@ pub mod proto {
         }
     }
 
+    impl std::fmt::Debug for LookupIdentityRequest {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            let key = match &self.channel {
+                Some(lookup_identity_request::Channel::MailboxId(id)) => {
+                    ("mailbox_id", id.as_str())
+                }
+                Some(lookup_identity_request::Channel::PhoneNumberId(id)) => {
+                    ("phone_number_id", id.as_str())
+                }
+                Some(lookup_identity_request::Channel::EmailAddress(_)) => ("email_address", "…"),
+                Some(lookup_identity_request::Channel::PhoneNumber(_)) => ("phone_number", "…"),
+                None => ("none", ""),
+            };
+            f.debug_struct("LookupIdentityRequest")
+                .field(key.0, &key.1)
+                .finish()
+        }
+    }
+
+    impl std::fmt::Debug for UpsertIdentityRequest {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.debug_struct("UpsertIdentityRequest")
+                .field("agent_handle", &self.agent_handle)
+                .field("status", &self.status())
+                .finish_non_exhaustive()
+        }
+    }
+
+    impl std::fmt::Debug for UpsertMailboxRequest {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.debug_struct("UpsertMailboxRequest")
+                .field("mailbox_id", &self.mailbox_id)
+                .field("status", &self.status())
+                .finish_non_exhaustive()
+        }
+    }
+
+    impl std::fmt::Debug for UpsertPhoneNumberRequest {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.debug_struct("UpsertPhoneNumberRequest")
+                .field("phone_number_id", &self.phone_number_id)
+                .field("type", &self.r#type())
+                .field("status", &self.status())
+                .finish_non_exhaustive()
+        }
+    }
+
     impl std::fmt::Debug for PhoneNumber {
         fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
             f.debug_struct("PhoneNumber")

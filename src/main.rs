@@ -64,6 +64,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 settings.ttl,
                 settings.issuer.as_deref(),
                 settings.audience.as_deref(),
+                &settings.scope,
             )?;
             println!("{token}");
             Ok(())

@@ -9,22 +9,28 @@ use tokio_util::task::AbortOnDropHandle;
 use tonic::transport::Server;
 use tonic_health::ServingStatus;
 
-use crate::api::grpc::MAX_MESSAGE_SIZE;
 use crate::api::grpc::assignment::ChannelAssignmentService;
 use crate::api::grpc::connections::{ConnectionLimits, Incoming};
 use crate::api::grpc::health::{
     DATABASE_DEPENDENT_SERVICES, LIVENESS, LimitWatchStreams, monitor_database,
 };
+use crate::api::grpc::inventory::ChannelInventoryService;
 use crate::api::grpc::observe::{self, ObserveRpcLayer};
 use crate::api::grpc::transport_errors::TransportErrorsLayer;
-use crate::auth::Authenticator;
+use crate::api::grpc::{MAX_MESSAGE_SIZE, MAX_RESPONSE_SIZE};
+use crate::auth::{Authenticator, INVENTORY_SCOPE};
 use crate::config::ServeSettings;
+use crate::error::ServiceError;
 use crate::metrics::Metrics;
 use crate::operations::Operations;
 use crate::operations::admission::Admission;
+use crate::operations::page::PageTokens;
 use crate::proto::channel_assignment_server::ChannelAssignmentServer;
+use crate::proto::channel_inventory_server::ChannelInventoryServer;
 use crate::store::Store;
 use crate::store::database::Database;
+use tonic::service::interceptor::InterceptedService;
+use tower::Layer as _;
 
 /// How long a keepalive ping may go unanswered before the connection is closed.
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -142,22 +148,30 @@ impl Application {
             settings.max_concurrent_requests_per_organization,
             Arc::clone(&metrics),
         );
-        let operations = Operations::new(store.clone(), admission, settings.request_timeout);
-        let service = ChannelAssignmentService::new(operations);
-        let service = ChannelAssignmentServer::new(service)
-            .max_decoding_message_size(MAX_MESSAGE_SIZE)
-            .max_encoding_message_size(MAX_MESSAGE_SIZE);
-        let service = tower::Layer::layer(&TransportErrorsLayer, service);
-        let service = tonic::service::interceptor::InterceptedService::new(
-            service,
-            move |mut request: tonic::Request<()>| {
-                let organization = authenticator.authenticate(request.metadata())?;
-                observe::record_organization(organization.as_str());
-                request.extensions_mut().insert(organization);
-                Ok(request)
-            },
+        let operations = Operations::new(
+            store.clone(),
+            admission,
+            settings.request_timeout,
+            PageTokens::new(page_token_key(&settings)),
         );
-        let service = tower::Layer::layer(&ObserveRpcLayer::new(Arc::clone(&metrics)), service);
+        let observe = ObserveRpcLayer::new(Arc::clone(&metrics));
+        let assignment =
+            ChannelAssignmentServer::new(ChannelAssignmentService::new(operations.clone()))
+                .max_decoding_message_size(MAX_MESSAGE_SIZE)
+                .max_encoding_message_size(MAX_RESPONSE_SIZE);
+        let assignment = InterceptedService::new(
+            TransportErrorsLayer.layer(assignment),
+            authenticate(Arc::clone(&authenticator), None),
+        );
+        let assignment = observe.layer(assignment);
+        let inventory = ChannelInventoryServer::new(ChannelInventoryService::new(operations))
+            .max_decoding_message_size(MAX_MESSAGE_SIZE)
+            .max_encoding_message_size(MAX_RESPONSE_SIZE);
+        let inventory = InterceptedService::new(
+            TransportErrorsLayer.layer(inventory),
+            authenticate(authenticator, Some(INVENTORY_SCOPE)),
+        );
+        let inventory = observe.layer(inventory);
 
         // Metrics stay up through the drain, and stop with the gRPC server.
         let (stop_metrics, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
@@ -220,7 +234,8 @@ impl Application {
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
-            .add_service(service)
+            .add_service(assignment)
+            .add_service(inventory)
             .serve_with_incoming_shutdown(incoming, signal);
 
         // An open stream (a health Watch) would hold the drain forever.
@@ -243,6 +258,50 @@ impl Application {
         tracing::info!("stopped");
         Ok(())
     }
+}
+
+/// The interceptor of a service: the caller's credentials, checked before
+/// the message is read (401, then 403 for the organization, then for the
+/// scope, when the service needs one); the caller goes on the request.
+fn authenticate(
+    authenticator: Arc<Authenticator>,
+    required_scope: Option<&'static str>,
+) -> impl FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Clone {
+    move |mut request: tonic::Request<()>| {
+        let caller = authenticator.caller(request.metadata())?;
+        observe::record_organization(caller.organization.as_str());
+        if let Some(scope) = required_scope
+            && !caller.has_scope(scope)
+        {
+            return Err(ServiceError::ScopeMissing(scope).into());
+        }
+        request.extensions_mut().insert(caller.organization.clone());
+        request.extensions_mut().insert(caller);
+        Ok(request)
+    }
+}
+
+/// The key page tokens are signed with: `PAGE_TOKEN_SECRET`, else one
+/// derived from the HS256 secret (both shared by every replica, so a token
+/// from one is good at another), else a random one (good on this replica
+/// only, until it restarts; said at start).
+fn page_token_key(settings: &ServeSettings) -> Vec<u8> {
+    if let Some(secret) = &settings.page_token_secret {
+        return secret.as_bytes().to_vec();
+    }
+    if let Some(secret) = &settings.auth.hs256_secret {
+        use sha2::Digest as _;
+        return sha2::Sha256::new()
+            .chain_update(b"channel-assignment page tokens\0")
+            .chain_update(secret.as_bytes())
+            .finalize()
+            .to_vec();
+    }
+    tracing::warn!(
+        "PAGE_TOKEN_SECRET is not set: page tokens are signed with a random key, \
+         good on this replica only until it restarts"
+    );
+    uuid::Uuid::new_v4().as_bytes().to_vec()
 }
 
 /// Where metrics are served when METRICS_LISTEN_ADDR is not set.

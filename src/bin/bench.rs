@@ -313,6 +313,7 @@ async fn load(args: LoadArgs) -> anyhow::Result<()> {
                     Duration::from_secs(3600),
                     None,
                     None,
+                    &[],
                 )?;
                 Ok(MetadataValue::try_from(format!("Bearer {token}"))?)
             })

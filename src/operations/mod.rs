@@ -6,17 +6,25 @@
 
 pub mod admission;
 pub mod deadline;
+pub mod page;
 
 use std::{future::Future, time::Duration};
 
 use tokio::time::Instant;
 use tracing::Instrument as _;
 
-use crate::domain::{AgentHandle, ChannelId, ChannelKind, OrganizationId};
+use crate::domain::{
+    AgentHandle, ChannelId, ChannelKind, E164Number, EmailAddress, LookupKey, NumberType,
+    OrganizationId, Status,
+};
 use crate::error::{FieldViolation, ServiceError};
-use crate::store::{IdentityRecord, Store};
+use crate::store::{
+    IdentityRecord, ListCursor, MailboxRecord, MailboxUpsert, Page, PhoneNumberRecord,
+    PhoneNumberUpsert, Store,
+};
 use admission::{Admission, Admitted};
 use deadline::{Budget, StatementGate};
+use page::{List, PageTokens, page_size};
 
 /// One caller's request, as every transport knows it: who asks, since when,
 /// and the deadline it brought, if any.
@@ -27,19 +35,318 @@ pub struct Call {
     pub client_timeout: Option<Duration>,
 }
 
+/// A channel to look an identity up by, as a caller sent it: the name of
+/// the field that was set, and its text.
+#[derive(Clone, Copy, Debug)]
+pub enum RawLookup<'a> {
+    MailboxId(&'a str),
+    EmailAddress(&'a str),
+    PhoneNumberId(&'a str),
+    PhoneNumber(&'a str),
+}
+
+/// A page of records and the token of the next one (empty on the last).
+#[derive(Debug)]
+pub struct Listed<T> {
+    pub items: Vec<T>,
+    pub next_page_token: String,
+}
+
 #[derive(Clone)]
 pub struct Operations {
     store: Store,
     admission: Admission,
     request_timeout: Duration,
+    page_tokens: PageTokens,
 }
 
 impl Operations {
-    pub fn new(store: Store, admission: Admission, request_timeout: Duration) -> Self {
+    pub fn new(
+        store: Store,
+        admission: Admission,
+        request_timeout: Duration,
+        page_tokens: PageTokens,
+    ) -> Self {
         Self {
             store,
             admission,
             request_timeout,
+            page_tokens,
+        }
+    }
+
+    pub async fn get_identity(
+        &self,
+        call: &Call,
+        raw_handle: &str,
+    ) -> Result<IdentityRecord, ServiceError> {
+        let handle = parse_handle(raw_handle).map_err(ServiceError::from)?;
+        let organization = call.organization.clone();
+        let store = self.store.clone();
+        self.admitted(call, move |_| async move {
+            store.get_identity(&organization, &handle).await
+        })
+        .await
+    }
+
+    pub async fn list_identities(
+        &self,
+        call: &Call,
+        raw_page_size: i32,
+        page_token: &str,
+    ) -> Result<Listed<IdentityRecord>, ServiceError> {
+        let list = List::Identities;
+        let (size, after) = self.page_request(call, list, raw_page_size, page_token)?;
+        let after = match after {
+            Some(ListCursor::Handle(handle)) => Some(handle),
+            _ => None,
+        };
+        let organization = call.organization.clone();
+        let store = self.store.clone();
+        let page = self
+            .admitted(call, move |_| async move {
+                store
+                    .list_identities(&organization, after.as_deref(), size)
+                    .await
+            })
+            .await?;
+        Ok(self.listed(call, list, page, |identity| {
+            ListCursor::Handle(identity.agent_handle.clone())
+        }))
+    }
+
+    pub async fn lookup_identity(
+        &self,
+        call: &Call,
+        raw: Option<RawLookup<'_>>,
+    ) -> Result<IdentityRecord, ServiceError> {
+        let key = parse_lookup(raw).map_err(ServiceError::from)?;
+        let organization = call.organization.clone();
+        let store = self.store.clone();
+        self.admitted(call, move |_| async move {
+            store.lookup_identity(&organization, &key).await
+        })
+        .await
+    }
+
+    pub async fn upsert_identity(
+        &self,
+        call: &Call,
+        raw_handle: &str,
+        display_name: &str,
+        status: Result<Option<Status>, FieldViolation>,
+    ) -> Result<IdentityRecord, ServiceError> {
+        let mut violations = Vec::new();
+        let handle = parse_handle(raw_handle)
+            .map_err(|v| violations.push(v))
+            .ok();
+        let display_name = optional_text("display_name", display_name)
+            .map_err(|v| violations.push(v))
+            .ok();
+        let status = status.map_err(|v| violations.push(v)).ok();
+        let (Some(handle), Some(display_name), Some(status)) = (handle, display_name, status)
+        else {
+            return Err(ServiceError::InvalidArgument(violations));
+        };
+        let organization = call.organization.clone();
+        let store = self.store.clone();
+        self.admitted(call, move |window| async move {
+            store
+                .upsert_identity(
+                    &organization,
+                    &handle,
+                    display_name.as_deref(),
+                    status,
+                    &window,
+                )
+                .await
+        })
+        .await
+    }
+
+    pub async fn upsert_mailbox(
+        &self,
+        call: &Call,
+        raw_id: &str,
+        raw_email_address: &str,
+        display_name: &str,
+        status: Result<Option<Status>, FieldViolation>,
+    ) -> Result<MailboxRecord, ServiceError> {
+        let mut violations = Vec::new();
+        let id = ChannelId::parse(ChannelKind::Mailbox, raw_id)
+            .map_err(|description| {
+                violations.push(FieldViolation {
+                    field: "mailbox_id",
+                    description,
+                })
+            })
+            .ok();
+        let email_address = EmailAddress::parse(raw_email_address)
+            .map_err(|description| {
+                violations.push(FieldViolation {
+                    field: "email_address",
+                    description: description.to_owned(),
+                })
+            })
+            .ok();
+        let display_name = optional_text("display_name", display_name)
+            .map_err(|v| violations.push(v))
+            .ok();
+        let status = status.map_err(|v| violations.push(v)).ok();
+        let (Some(id), Some(email_address), Some(display_name), Some(status)) =
+            (id, email_address, display_name, status)
+        else {
+            return Err(ServiceError::InvalidArgument(violations));
+        };
+        let mailbox = MailboxUpsert {
+            id,
+            email_address,
+            display_name,
+            status,
+        };
+        let organization = call.organization.clone();
+        let store = self.store.clone();
+        self.admitted(call, move |window| async move {
+            store.upsert_mailbox(&organization, &mailbox, &window).await
+        })
+        .await
+    }
+
+    pub async fn upsert_phone_number(
+        &self,
+        call: &Call,
+        raw_id: &str,
+        raw_number: &str,
+        number_type: Result<Option<NumberType>, FieldViolation>,
+        status: Result<Option<Status>, FieldViolation>,
+        incoming_call_action: &str,
+    ) -> Result<PhoneNumberRecord, ServiceError> {
+        let mut violations = Vec::new();
+        let id = ChannelId::parse(ChannelKind::PhoneNumber, raw_id)
+            .map_err(|description| {
+                violations.push(FieldViolation {
+                    field: "phone_number_id",
+                    description,
+                })
+            })
+            .ok();
+        let number = E164Number::parse(raw_number, "number")
+            .map_err(|description| {
+                violations.push(FieldViolation {
+                    field: "number",
+                    description,
+                })
+            })
+            .ok();
+        let number_type = number_type.map_err(|v| violations.push(v)).ok();
+        let status = status.map_err(|v| violations.push(v)).ok();
+        let incoming_call_action = optional_text("incoming_call_action", incoming_call_action)
+            .map_err(|v| violations.push(v))
+            .ok();
+        let (Some(id), Some(number), Some(number_type), Some(status), Some(incoming_call_action)) =
+            (id, number, number_type, status, incoming_call_action)
+        else {
+            return Err(ServiceError::InvalidArgument(violations));
+        };
+        let phone_number = PhoneNumberUpsert {
+            id,
+            number,
+            number_type,
+            status,
+            incoming_call_action,
+        };
+        let organization = call.organization.clone();
+        let store = self.store.clone();
+        self.admitted(call, move |window| async move {
+            store
+                .upsert_phone_number(&organization, &phone_number, &window)
+                .await
+        })
+        .await
+    }
+
+    pub async fn list_mailboxes(
+        &self,
+        call: &Call,
+        raw_page_size: i32,
+        page_token: &str,
+        unassigned_only: bool,
+    ) -> Result<Listed<MailboxRecord>, ServiceError> {
+        let list = List::Mailboxes { unassigned_only };
+        let (size, after) = self.page_request(call, list, raw_page_size, page_token)?;
+        let after = id_cursor(after);
+        let organization = call.organization.clone();
+        let store = self.store.clone();
+        let page = self
+            .admitted(call, move |_| async move {
+                store
+                    .list_mailboxes(&organization, after, unassigned_only, size)
+                    .await
+            })
+            .await?;
+        Ok(self.listed(call, list, page, |mailbox| ListCursor::Id(mailbox.id)))
+    }
+
+    pub async fn list_phone_numbers(
+        &self,
+        call: &Call,
+        raw_page_size: i32,
+        page_token: &str,
+        unassigned_only: bool,
+    ) -> Result<Listed<PhoneNumberRecord>, ServiceError> {
+        let list = List::PhoneNumbers { unassigned_only };
+        let (size, after) = self.page_request(call, list, raw_page_size, page_token)?;
+        let after = id_cursor(after);
+        let organization = call.organization.clone();
+        let store = self.store.clone();
+        let page = self
+            .admitted(call, move |_| async move {
+                store
+                    .list_phone_numbers(&organization, after, unassigned_only, size)
+                    .await
+            })
+            .await?;
+        Ok(self.listed(call, list, page, |number| ListCursor::Id(number.id)))
+    }
+
+    /// The page size and the position a list request asks for; every
+    /// malformed field is reported at once.
+    fn page_request(
+        &self,
+        call: &Call,
+        list: List,
+        raw_page_size: i32,
+        page_token: &str,
+    ) -> Result<(usize, Option<ListCursor>), ServiceError> {
+        let size = page_size(raw_page_size);
+        let after = self
+            .page_tokens
+            .resume(&call.organization, list, page_token);
+        match (size, after) {
+            (Ok(size), Ok(after)) => Ok((size, after)),
+            (size, after) => Err(ServiceError::InvalidArgument(
+                size.err().into_iter().chain(after.err()).collect(),
+            )),
+        }
+    }
+
+    fn listed<T>(
+        &self,
+        call: &Call,
+        list: List,
+        page: Page<T>,
+        position: impl Fn(&T) -> ListCursor,
+    ) -> Listed<T> {
+        let next_page_token = match page.items.last() {
+            Some(last) if page.more => {
+                self.page_tokens
+                    .issue(&call.organization, list, &position(last))
+            }
+            _ => String::new(),
+        };
+        Listed {
+            items: page.items,
+            next_page_token,
         }
     }
 
@@ -51,7 +358,9 @@ impl Operations {
         raw_channel_id: &str,
     ) -> Result<IdentityRecord, ServiceError> {
         let mut violations = Vec::new();
-        let handle = parse_handle(raw_handle, &mut violations);
+        let handle = parse_handle(raw_handle)
+            .map_err(|v| violations.push(v))
+            .ok();
         let channel = ChannelId::parse(kind, raw_channel_id)
             .map_err(|description| {
                 violations.push(FieldViolation {
@@ -65,7 +374,7 @@ impl Operations {
         };
         let organization = call.organization.clone();
         let store = self.store.clone();
-        self.write(call, move |window| async move {
+        self.admitted(call, move |window| async move {
             store
                 .assign(&organization, &handle, kind, channel, &window)
                 .await
@@ -79,20 +388,19 @@ impl Operations {
         kind: ChannelKind,
         raw_handle: &str,
     ) -> Result<(), ServiceError> {
-        let mut violations = Vec::new();
-        let Some(handle) = parse_handle(raw_handle, &mut violations) else {
-            return Err(ServiceError::InvalidArgument(violations));
-        };
+        let handle = parse_handle(raw_handle).map_err(ServiceError::from)?;
         let organization = call.organization.clone();
         let store = self.store.clone();
-        self.write(call, move |window| async move {
+        self.admitted(call, move |window| async move {
             store.unassign(&organization, &handle, kind, &window).await
         })
         .await
     }
 
     /// Admits the call, then runs `work` within its budget (see `within`).
-    async fn write<T, F>(
+    /// A write's statement passes the window's gate; a read's does not, so
+    /// a read is always answered on time.
+    async fn admitted<T, F>(
         &self,
         call: &Call,
         work: impl FnOnce(deadline::WriteWindow) -> F,
@@ -119,15 +427,58 @@ impl Operations {
     }
 }
 
-fn parse_handle(raw: &str, violations: &mut Vec<FieldViolation>) -> Option<AgentHandle> {
-    AgentHandle::parse(raw)
-        .map_err(|description| {
-            violations.push(FieldViolation {
-                field: "agent_handle",
-                description: description.to_owned(),
-            })
-        })
-        .ok()
+fn parse_handle(raw: &str) -> Result<AgentHandle, FieldViolation> {
+    AgentHandle::parse(raw).map_err(|description| FieldViolation {
+        field: "agent_handle",
+        description: description.to_owned(),
+    })
+}
+
+/// The lookup key, parsed; no key set is reported on the field `channel`.
+fn parse_lookup(raw: Option<RawLookup<'_>>) -> Result<LookupKey, FieldViolation> {
+    let violation =
+        |field: &'static str, description: String| FieldViolation { field, description };
+    match raw {
+        None => Err(violation(
+            "channel",
+            "set one of mailbox_id, email_address, phone_number_id, phone_number".to_owned(),
+        )),
+        Some(RawLookup::MailboxId(raw)) => ChannelId::parse(ChannelKind::Mailbox, raw)
+            .map(LookupKey::MailboxId)
+            .map_err(|description| violation("mailbox_id", description)),
+        Some(RawLookup::PhoneNumberId(raw)) => ChannelId::parse(ChannelKind::PhoneNumber, raw)
+            .map(LookupKey::PhoneNumberId)
+            .map_err(|description| violation("phone_number_id", description)),
+        Some(RawLookup::EmailAddress(raw)) => EmailAddress::parse(raw)
+            .map(LookupKey::EmailAddress)
+            .map_err(|description| violation("email_address", description.to_owned())),
+        Some(RawLookup::PhoneNumber(raw)) => E164Number::parse(raw, "phone_number")
+            .map(LookupKey::PhoneNumber)
+            .map_err(|description| violation("phone_number", description)),
+    }
+}
+
+/// Longest display name or incoming call action kept, in characters: far
+/// above real ones, and it bounds what a page of 1000 records weighs.
+pub const MAX_TEXT_LEN: usize = 255;
+
+/// A free-text field as sent: at most `MAX_TEXT_LEN` characters; empty
+/// clears it (stored as NULL).
+fn optional_text(field: &'static str, raw: &str) -> Result<Option<String>, FieldViolation> {
+    if raw.chars().count() > MAX_TEXT_LEN {
+        return Err(FieldViolation {
+            field,
+            description: format!("{field} must be at most {MAX_TEXT_LEN} characters"),
+        });
+    }
+    Ok((!raw.is_empty()).then(|| raw.to_owned()))
+}
+
+fn id_cursor(cursor: Option<ListCursor>) -> Option<uuid::Uuid> {
+    match cursor {
+        Some(ListCursor::Id(id)) => Some(id),
+        _ => None,
+    }
 }
 
 /// Runs the database work as a task of its own and answers by the budget's

@@ -12,7 +12,11 @@ use crate::operations::deadline::WriteWindow;
 /// The `UPDATE` re-checks its conditions on the row's newest version (READ
 /// COMMITTED), and the unique constraint on the link column decides between
 /// concurrent claims of one channel, so the outcome is right under any
-/// interleaving; the snapshot flags only explain a refusal.
+/// interleaving; the snapshot flags only explain a refusal. The channel row
+/// is locked `FOR SHARE` (its status re-read if it changed meanwhile), so a
+/// concurrent deletion or release either comes first (and this finds the
+/// channel gone) or waits for this to commit (and its unlinking trigger then
+/// sees the new link).
 ///
 /// The request's remaining time travels with the statement (`$4`, seconds):
 /// sqlx cannot cancel a statement whose future is dropped, so a statement
@@ -29,6 +33,7 @@ macro_rules! assign_statement {
             channel AS (
                 SELECT id FROM ", $channel_table, "
                 WHERE organization_id = $1 AND id = $3 AND status IN ('active', 'paused')
+                FOR SHARE
             ),
             holder AS (
                 SELECT id FROM identities WHERE organization_id = $1 AND ", $link_column, " = $3

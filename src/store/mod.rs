@@ -18,6 +18,11 @@ use crate::error::{DatabaseErrorClass, ServiceError};
 use crate::metrics::Metrics;
 use crate::operations::deadline::WriteWindow;
 use database::{Database, Lease};
+use sqlx::{
+    Postgres,
+    postgres::{PgArguments, PgRow},
+    query::QueryAs,
+};
 
 /// The columns of `identities`, in one order for both sides of a UNION.
 macro_rules! identity_columns {
@@ -66,10 +71,14 @@ macro_rules! identity_detail_joins {
 }
 
 mod identities;
+mod inventory;
+mod reads;
 
 pub use identities::{
     ASSIGN_MAILBOX, ASSIGN_PHONE_NUMBER, UNASSIGN_MAILBOX, UNASSIGN_PHONE_NUMBER,
 };
+pub use inventory::{MailboxUpsert, PhoneNumberUpsert};
+pub use reads::{GET_IDENTITY, LOOKUP_BY_EMAIL_ADDRESS, ListCursor, Page};
 
 /// The full identity detail, as stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -85,7 +94,7 @@ pub struct IdentityRecord {
     pub phone_number: Option<PhoneNumberRecord>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct MailboxRecord {
     pub id: Uuid,
     pub email_address: String,
@@ -95,10 +104,11 @@ pub struct MailboxRecord {
     pub updated_at: DateTime<Utc>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct PhoneNumberRecord {
     pub id: Uuid,
     pub number: String,
+    #[sqlx(rename = "type")]
     pub number_type: String,
     pub status: String,
     pub incoming_call_action: Option<String>,
@@ -157,6 +167,36 @@ impl Store {
         &self.database
     }
 
+    /// Runs one statement (built afresh by `query` for each attempt) on a
+    /// pooled connection, and again on a fresh one when PostgreSQL refused it
+    /// before it changed anything. A write passes its request's window, so
+    /// that nothing is sent after the request was answered
+    /// DEADLINE_EXCEEDED; a read passes none.
+    async fn fetch_rows<'q, O>(
+        &self,
+        window: Option<&WriteWindow>,
+        query: impl Fn() -> QueryAs<'q, Postgres, O, PgArguments>,
+    ) -> Result<Vec<O>, StatementError>
+    where
+        O: Send + Unpin + for<'r> sqlx::FromRow<'r, PgRow>,
+    {
+        let mut attempt = 1;
+        loop {
+            let mut lease = match window {
+                Some(window) => self.connection_within(window).await?,
+                None => self.connection().await?,
+            };
+            let result = query().fetch_all(lease.connection()).await;
+            match self.settle(lease, result) {
+                Ok(rows) => return Ok(rows),
+                Err(error) if worth_another_attempt(&error) && attempt < MAX_ATTEMPTS => {
+                    attempt += 1;
+                }
+                Err(error) => return Err(StatementError::Database(error)),
+            }
+        }
+    }
+
     /// Gives the connection back after a statement (see `Lease::settle`),
     /// counting a failure by kind.
     fn settle<T>(&self, lease: Lease, result: Result<T, sqlx::Error>) -> Result<T, sqlx::Error> {
@@ -165,6 +205,41 @@ impl Store {
                 .database_error(DatabaseErrorClass::of(error).label());
         }
         lease.settle(result)
+    }
+}
+
+/// Why `Store::run` gave up: before the statement ran (no connection, the
+/// deadline), or because of the statement's own error, which the caller
+/// maps (a constraint's name means something to it).
+enum StatementError {
+    Service(ServiceError),
+    Database(sqlx::Error),
+}
+
+impl From<ServiceError> for StatementError {
+    fn from(error: ServiceError) -> Self {
+        Self::Service(error)
+    }
+}
+
+impl StatementError {
+    /// The error as callers see it, with `constraint` naming what a unique
+    /// violation means to this statement.
+    fn into_service_error(
+        self,
+        constraint: impl FnOnce(&str) -> Option<ServiceError>,
+    ) -> ServiceError {
+        match self {
+            Self::Service(error) => error,
+            Self::Database(error) => {
+                if let sqlx::Error::Database(db) = &error
+                    && let Some(mapped) = db.constraint().and_then(constraint)
+                {
+                    return mapped;
+                }
+                ServiceError::from_database(error)
+            }
+        }
     }
 }
 

@@ -5,7 +5,10 @@ use std::{path::PathBuf, time::Duration};
 
 use channel_assignment::{
     config::{AuthSettings, ServeSettings},
-    proto::{self, Identity, channel_assignment_client::ChannelAssignmentClient},
+    proto::{
+        self, Identity, channel_assignment_client::ChannelAssignmentClient,
+        channel_inventory_client::ChannelInventoryClient,
+    },
     startup::{self, Application},
     store::database::Database,
 };
@@ -153,6 +156,92 @@ impl Drop for TestApp {
 }
 
 impl TestApp {
+    pub fn inventory(&self) -> ChannelInventoryClient<Channel> {
+        ChannelInventoryClient::new(self.channel.clone())
+    }
+
+    pub async fn get_identity(&self, org: &str, handle: &str) -> Result<Identity, Status> {
+        self.client
+            .clone()
+            .get_identity(authorized(
+                proto::GetIdentityRequest {
+                    agent_handle: handle.to_owned(),
+                },
+                org,
+            ))
+            .await
+            .map(tonic::Response::into_inner)
+    }
+
+    pub async fn lookup(
+        &self,
+        org: &str,
+        channel: proto::lookup_identity_request::Channel,
+    ) -> Result<Identity, Status> {
+        self.client
+            .clone()
+            .lookup_identity(authorized(
+                proto::LookupIdentityRequest {
+                    channel: Some(channel),
+                },
+                org,
+            ))
+            .await
+            .map(tonic::Response::into_inner)
+    }
+
+    pub async fn list_identities(
+        &self,
+        org: &str,
+        page_size: i32,
+        page_token: &str,
+    ) -> Result<proto::ListIdentitiesResponse, Status> {
+        self.client
+            .clone()
+            .list_identities(authorized(
+                proto::ListIdentitiesRequest {
+                    page_size,
+                    page_token: page_token.to_owned(),
+                },
+                org,
+            ))
+            .await
+            .map(tonic::Response::into_inner)
+    }
+
+    pub async fn upsert_identity(
+        &self,
+        org: &str,
+        message: proto::UpsertIdentityRequest,
+    ) -> Result<Identity, Status> {
+        self.inventory()
+            .upsert_identity(inventory_authorized(message, org))
+            .await
+            .map(tonic::Response::into_inner)
+    }
+
+    pub async fn upsert_mailbox(
+        &self,
+        org: &str,
+        message: proto::UpsertMailboxRequest,
+    ) -> Result<proto::Mailbox, Status> {
+        self.inventory()
+            .upsert_mailbox(inventory_authorized(message, org))
+            .await
+            .map(tonic::Response::into_inner)
+    }
+
+    pub async fn upsert_phone_number(
+        &self,
+        org: &str,
+        message: proto::UpsertPhoneNumberRequest,
+    ) -> Result<proto::PhoneNumber, Status> {
+        self.inventory()
+            .upsert_phone_number(inventory_authorized(message, org))
+            .await
+            .map(tonic::Response::into_inner)
+    }
+
     /// Asks the server to stop, as SIGTERM would, without waiting.
     pub fn begin_shutdown(&mut self) {
         if let Some(shutdown) = self.shutdown.take() {
@@ -381,6 +470,19 @@ pub fn with_bearer<T>(message: T, token: &str) -> Request<T> {
 
 pub fn now() -> i64 {
     chrono::Utc::now().timestamp()
+}
+
+/// A request with a token that grants the inventory scope.
+pub fn inventory_authorized<T>(message: T, org: &str) -> Request<T> {
+    with_bearer(message, &scoped_token(org, "channels.inventory"))
+}
+
+/// A token for `org` granting `scope` (space-separated OAuth 2 scopes).
+pub fn scoped_token(org: &str, scope: &str) -> String {
+    sign_hs256(
+        &serde_json::json!({ "org_id": org, "exp": now() + 3600, "scope": scope }),
+        SECRET,
+    )
 }
 
 /// A token as the identity provider issues it: `org_id`, valid for an hour.

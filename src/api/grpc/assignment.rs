@@ -5,7 +5,9 @@ use tonic::{Request, Response, Status};
 
 use crate::domain::{ChannelKind, OrganizationId};
 use crate::error::ServiceError;
-use crate::operations::{Call, Operations, deadline::Arrival, deadline::parse_grpc_timeout};
+use crate::operations::{
+    Call, Operations, RawLookup, deadline::Arrival, deadline::parse_grpc_timeout,
+};
 use crate::proto::{self, channel_assignment_server::ChannelAssignment};
 
 pub struct ChannelAssignmentService {
@@ -94,6 +96,54 @@ impl ChannelAssignment for ChannelAssignmentService {
                 &message.phone_number_id,
             )
             .await?;
+        Ok(Response::new(identity.into()))
+    }
+
+    async fn get_identity(
+        &self,
+        request: Request<proto::GetIdentityRequest>,
+    ) -> Result<Response<proto::Identity>, Status> {
+        let call = call_of(&request)?;
+        let identity = self
+            .operations
+            .get_identity(&call, &request.get_ref().agent_handle)
+            .await?;
+        Ok(Response::new(identity.into()))
+    }
+
+    async fn list_identities(
+        &self,
+        request: Request<proto::ListIdentitiesRequest>,
+    ) -> Result<Response<proto::ListIdentitiesResponse>, Status> {
+        let call = call_of(&request)?;
+        let message = request.get_ref();
+        let listed = self
+            .operations
+            .list_identities(&call, message.page_size, &message.page_token)
+            .await?;
+        Ok(Response::new(proto::ListIdentitiesResponse {
+            identities: listed.items.into_iter().map(Into::into).collect(),
+            next_page_token: listed.next_page_token,
+        }))
+    }
+
+    async fn lookup_identity(
+        &self,
+        request: Request<proto::LookupIdentityRequest>,
+    ) -> Result<Response<proto::Identity>, Status> {
+        use proto::lookup_identity_request::Channel;
+        let call = call_of(&request)?;
+        let key = request
+            .get_ref()
+            .channel
+            .as_ref()
+            .map(|channel| match channel {
+                Channel::MailboxId(raw) => RawLookup::MailboxId(raw),
+                Channel::EmailAddress(raw) => RawLookup::EmailAddress(raw),
+                Channel::PhoneNumberId(raw) => RawLookup::PhoneNumberId(raw),
+                Channel::PhoneNumber(raw) => RawLookup::PhoneNumber(raw),
+            });
+        let identity = self.operations.lookup_identity(&call, key).await?;
         Ok(Response::new(identity.into()))
     }
 

@@ -1,7 +1,10 @@
-//! Domain records to their protobuf messages.
+//! Domain records to their protobuf messages, and requested enum values
+//! to domain values.
 
 use chrono::{DateTime, Utc};
 
+use crate::domain::{NumberType, Status};
+use crate::error::FieldViolation;
 use crate::proto;
 use crate::store::{IdentityRecord, MailboxRecord, PhoneNumberRecord};
 
@@ -80,4 +83,65 @@ impl From<PhoneNumberRecord> for proto::PhoneNumber {
             updated_at: Some(timestamp(record.updated_at)),
         }
     }
+}
+
+/// A status as requested: `UNSPECIFIED` is `None` (the operation's default);
+/// a number the enum does not have is a field violation.
+fn requested_status(
+    raw: i32,
+    known: impl FnOnce(i32) -> Option<Option<Status>>,
+) -> Result<Option<Status>, FieldViolation> {
+    known(raw).ok_or_else(|| FieldViolation {
+        field: "status",
+        description: format!("status {raw} is not one of the enum's values"),
+    })
+}
+
+pub fn identity_status(raw: i32) -> Result<Option<Status>, FieldViolation> {
+    use proto::IdentityStatus as S;
+    requested_status(raw, |raw| {
+        Some(match S::try_from(raw).ok()? {
+            S::Unspecified => None,
+            S::Active => Some(Status::Active),
+            S::Paused => Some(Status::Paused),
+            S::Deleted => Some(Status::Deleted),
+        })
+    })
+}
+
+pub fn mailbox_status(raw: i32) -> Result<Option<Status>, FieldViolation> {
+    use proto::MailboxStatus as S;
+    requested_status(raw, |raw| {
+        Some(match S::try_from(raw).ok()? {
+            S::Unspecified => None,
+            S::Active => Some(Status::Active),
+            S::Paused => Some(Status::Paused),
+            S::Deleted => Some(Status::Deleted),
+        })
+    })
+}
+
+pub fn phone_number_status(raw: i32) -> Result<Option<Status>, FieldViolation> {
+    use proto::PhoneNumberStatus as S;
+    requested_status(raw, |raw| {
+        Some(match S::try_from(raw).ok()? {
+            S::Unspecified => None,
+            S::Active => Some(Status::Active),
+            S::Paused => Some(Status::Paused),
+            S::Released => Some(Status::Released),
+        })
+    })
+}
+
+pub fn phone_number_type(raw: i32) -> Result<Option<NumberType>, FieldViolation> {
+    use proto::PhoneNumberType as T;
+    let known = T::try_from(raw).ok().map(|number_type| match number_type {
+        T::Unspecified => None,
+        T::Local => Some(NumberType::Local),
+        T::TollFree => Some(NumberType::TollFree),
+    });
+    known.ok_or_else(|| FieldViolation {
+        field: "type",
+        description: format!("type {raw} is not one of the enum's values"),
+    })
 }

@@ -17,14 +17,17 @@ use tower::Service;
 
 use crate::api::grpc::assignment::ChannelAssignmentService;
 use crate::api::grpc::connections::ConnectionInfo;
+use crate::api::grpc::inventory::ChannelInventoryService;
 use crate::error::{ServiceError, anyhow_chain};
 use crate::proto::channel_assignment_server::ChannelAssignmentServer;
+use crate::proto::channel_inventory_server::ChannelInventoryServer;
 use crate::store::Store;
 
 /// Health service names that follow the database.
-pub const DATABASE_DEPENDENT_SERVICES: [&str; 3] = [
+pub const DATABASE_DEPENDENT_SERVICES: [&str; 4] = [
     "",
     <ChannelAssignmentServer<ChannelAssignmentService> as tonic::server::NamedService>::NAME,
+    <ChannelInventoryServer<ChannelInventoryService> as tonic::server::NamedService>::NAME,
     "readiness",
 ];
 /// SERVING while the process can serve at all: a database outage must not get
