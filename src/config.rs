@@ -107,6 +107,13 @@ pub struct ServeSettings {
     #[arg(long, env = "GRPC_MAX_CONCURRENT_STREAMS", default_value_t = 200)]
     pub max_concurrent_streams: u32,
 
+    /// Most requests in progress on the server at once, over every service
+    /// and connection (health and reflection included), each held until its
+    /// response is sent; one more is answered RESOURCE_EXHAUSTED at once.
+    /// Bounds the memory that streams whose bodies never come can take.
+    #[arg(long, env = "GRPC_MAX_STREAMS_IN_PROGRESS", default_value_t = 2048)]
+    pub max_streams_in_progress: usize,
+
     /// Most gRPC connections open at once; one more is closed at once (with
     /// a rate-limited warning).
     #[arg(long, env = "GRPC_MAX_CONNECTIONS", default_value_t = 1000)]
@@ -244,6 +251,7 @@ impl ServeSettings {
             max_concurrent_requests_per_organization: 64,
             page_token_secret: None,
             max_concurrent_streams: 200,
+            max_streams_in_progress: 2048,
             max_connections: 1000,
             handshake_timeout: Duration::from_secs(10),
             max_watch_streams_per_connection: 16,

@@ -181,7 +181,10 @@ fn print_walkthrough(address: &SocketAddr, token: &str) {
         ),
         call("UnassignMailbox", r#"{"agent_handle":"sales-agent"}"#),
         call("GetIdentity", r#"{"agent_handle":"support-agent"}"#),
-        call("LookupIdentity", r#"{"email_address":"Support@Demo.example"}"#),
+        call(
+            "LookupIdentity",
+            r#"{"email_address":"Support@Demo.example"}"#
+        ),
         call("ListIdentities", r#"{"page_size":2}"#),
         call_service(
             "ChannelInventory",

@@ -59,6 +59,9 @@ pub enum ServiceError {
     /// More requests of the caller's organization in flight than its share.
     #[error("too many requests of one organization in flight")]
     OrganizationOverloaded,
+    /// More requests in progress, over all services, than the server holds.
+    #[error("too many requests in progress on the server")]
+    ServerBusy,
     /// More health `Watch` streams on one connection than it may hold.
     #[error("too many health watch streams on this connection")]
     TooManyWatchStreams,
@@ -121,9 +124,10 @@ impl ServiceError {
             Self::PhoneNumberTaken => "PHONE_NUMBER_ALREADY_EXISTS",
             Self::ScopeMissing(_) => "SCOPE_MISSING",
             Self::DeadlineExceeded => "DEADLINE_EXCEEDED",
-            Self::Overloaded | Self::OrganizationOverloaded | Self::TooManyWatchStreams => {
-                "RESOURCE_EXHAUSTED"
-            }
+            Self::Overloaded
+            | Self::OrganizationOverloaded
+            | Self::ServerBusy
+            | Self::TooManyWatchStreams => "RESOURCE_EXHAUSTED",
             Self::Unavailable(_) => "UNAVAILABLE",
             Self::Internal(_) => "INTERNAL",
             Self::RequestAbandoned => "CANCELLED",
@@ -149,9 +153,10 @@ impl ServiceError {
             }
             Self::ScopeMissing(_) => (Code::PermissionDenied, 403),
             Self::DeadlineExceeded => (Code::DeadlineExceeded, 504),
-            Self::Overloaded | Self::OrganizationOverloaded | Self::TooManyWatchStreams => {
-                (Code::ResourceExhausted, 429)
-            }
+            Self::Overloaded
+            | Self::OrganizationOverloaded
+            | Self::ServerBusy
+            | Self::TooManyWatchStreams => (Code::ResourceExhausted, 429),
             Self::Unavailable(_) => (Code::Unavailable, 503),
             Self::Internal(_) => (Code::Internal, 500),
             // As google.rpc.Code documents the HTTP equivalents.
@@ -205,6 +210,9 @@ impl ServiceError {
             }
             Self::TooManyWatchStreams => {
                 "too many health watch streams on this connection".to_owned()
+            }
+            Self::ServerBusy => {
+                "the server has too many requests in progress, retry shortly".to_owned()
             }
             Self::Unavailable(_) => {
                 "the service is temporarily unavailable, retry later".to_owned()
@@ -346,7 +354,9 @@ impl From<ServiceError> for Status {
                     "no such identity in the caller's organization",
                 );
             }
-            ServiceError::Overloaded | ServiceError::OrganizationOverloaded => {
+            ServiceError::Overloaded
+            | ServiceError::OrganizationOverloaded
+            | ServiceError::ServerBusy => {
                 details.set_retry_info(Some(std::time::Duration::from_millis(
                     OVERLOAD_RETRY_DELAY_MS,
                 )));

@@ -128,19 +128,19 @@ impl Metrics {
         let connections_refused = Family::<ReasonLabels, Counter>::default();
         registry.register(
             "grpc_connections_refused",
-            "gRPC connections closed by the server's bounds, by reason (limit, handshake_timeout)",
+            "gRPC connections closed by the server's bounds, by reason (limit, handshake_timeout, evicted)",
             connections_refused.clone(),
         );
         let requests_shed = Family::<ReasonLabels, Counter>::default();
         registry.register(
             "rpc_shed",
-            "ChannelAssignment RPCs refused with RESOURCE_EXHAUSTED, by the limit that refused them (server, organization)",
+            "RPCs refused with RESOURCE_EXHAUSTED, by the limit that refused them (server, organization, streams)",
             requests_shed.clone(),
         );
-        for reason in ["limit", "handshake_timeout"] {
+        for reason in ["limit", "handshake_timeout", "evicted"] {
             drop(connections_refused.get_or_create(&ReasonLabels { reason }));
         }
-        for reason in ["server", "organization"] {
+        for reason in ["server", "organization", "streams"] {
             drop(requests_shed.get_or_create(&ReasonLabels { reason }));
         }
         Arc::new(Self {

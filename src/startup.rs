@@ -16,6 +16,7 @@ use crate::api::grpc::health::{
 };
 use crate::api::grpc::inventory::ChannelInventoryService;
 use crate::api::grpc::observe::{self, ObserveRpcLayer};
+use crate::api::grpc::streams::StreamBudgetLayer;
 use crate::api::grpc::transport_errors::TransportErrorsLayer;
 use crate::api::grpc::{MAX_MESSAGE_SIZE, MAX_RESPONSE_SIZE};
 use crate::auth::{Authenticator, INVENTORY_SCOPE};
@@ -224,6 +225,10 @@ impl Application {
 
         tracing::info!(address = %local_addr, "serving gRPC");
         let server = Server::builder()
+            .layer(StreamBudgetLayer::new(
+                settings.max_streams_in_progress,
+                Arc::clone(&metrics),
+            ))
             .max_concurrent_streams(Some(settings.max_concurrent_streams))
             .timeout(settings.request_timeout + UNARY_SLACK)
             .http2_keepalive_interval(Some(settings.keepalive_interval))

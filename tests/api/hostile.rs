@@ -186,7 +186,16 @@ async fn connections_that_never_start_http2_are_closed(pool: PgPool) {
 async fn connections_beyond_the_limit_are_closed_and_the_slot_comes_back(pool: PgPool) {
     // The test app's own channel holds one connection.
     let app = spawn_with(&pool, |settings| settings.max_connections = 2).await;
-    let second = RawConnection::connect(app.address).await;
+    let mut second = RawConnection::connect(app.address).await;
+    // Served once: the server has seen it start HTTP/2, so it is not a
+    // connection a newcomer could take the place of.
+    let liveness = crate::raw::encode(&HealthCheckRequest {
+        service: "liveness".into(),
+    });
+    let answer = second
+        .unary("/grpc.health.v1.Health/Check", &[], &liveness)
+        .await;
+    assert_eq!(answer.status.code(), Code::Ok);
 
     let mut third = TcpStream::connect(app.address).await.unwrap();
     let closed_after = time_until_closed(&mut third).await;
@@ -219,6 +228,43 @@ async fn connections_beyond_the_limit_are_closed_and_the_slot_comes_back(pool: P
         )
         .await;
     assert_eq!(answer.status.code(), Code::Ok, "{:?}", answer.status);
+}
+
+#[sqlx::test]
+async fn at_the_cap_a_new_client_takes_the_place_of_a_silent_connection(pool: PgPool) {
+    // The test app's own channel holds one place; a silent connection the
+    // other; a real client still gets in.
+    let app = spawn_with(&pool, |settings| settings.max_connections = 2).await;
+    let mut silent = TcpStream::connect(app.address).await.unwrap();
+    let mut open = None;
+    for _ in 0..200 {
+        open = open_connections(&scrape(app.metrics_addr).await);
+        if open == Some(2) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(open, Some(2));
+
+    let mut client = RawConnection::connect(app.address).await;
+    let answer = client
+        .unary(
+            "/grpc.health.v1.Health/Check",
+            &[],
+            &crate::raw::encode(&HealthCheckRequest {
+                service: "liveness".into(),
+            }),
+        )
+        .await;
+    assert_eq!(answer.status.code(), Code::Ok, "{:?}", answer.status);
+    let closed_after = time_until_closed(&mut silent).await;
+    println!("silent connection evicted after {closed_after:?}");
+    let metrics = scrape(app.metrics_addr).await;
+    assert!(
+        metrics
+            .contains(r#"channel_assignment_grpc_connections_refused_total{reason="evicted"} 1"#),
+        "{metrics}"
+    );
 }
 
 fn open_connections(metrics: &str) -> Option<u64> {
@@ -384,4 +430,59 @@ async fn a_request_abandoned_mid_message_is_cancelled_not_internal(pool: PgPool)
     }
     assert!(metrics.contains(cancelled), "{metrics}");
     assert!(!metrics.contains(r#"code="INTERNAL""#), "{metrics}");
+}
+
+#[sqlx::test]
+async fn requests_beyond_the_server_wide_budget_are_refused_at_once(pool: PgPool) {
+    let app = spawn_with(&pool, |settings| settings.max_streams_in_progress = 3).await;
+    let liveness = crate::raw::encode(&HealthCheckRequest {
+        service: "liveness".into(),
+    });
+    // Three streams whose bodies never come hold the whole budget, on
+    // connections of their own.
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let mut connection = RawConnection::connect(app.address).await;
+        let stream = connection
+            .open_without_body("/grpc.health.v1.Health/Check")
+            .await
+            .unwrap();
+        held.push((connection, stream));
+    }
+    let mut other = RawConnection::connect(app.address).await;
+    let mut refused = None;
+    for _ in 0..100 {
+        let answer = other
+            .unary("/grpc.health.v1.Health/Check", &[], &liveness)
+            .await;
+        if answer.status.code() == Code::ResourceExhausted {
+            refused = Some(answer.status);
+            break;
+        }
+        // The held streams' headers may not have reached the server yet.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let refused = refused.expect("refused while the budget is held");
+    let info = refused.get_details_error_info().expect("ErrorInfo");
+    assert_eq!(info.reason, "RESOURCE_EXHAUSTED");
+    assert!(refused.get_details_retry_info().is_some());
+
+    drop(held);
+    let mut served = false;
+    for _ in 0..100 {
+        let answer = other
+            .unary("/grpc.health.v1.Health/Check", &[], &liveness)
+            .await;
+        if answer.status.code() == Code::Ok {
+            served = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(served, "places come back when the held streams end");
+    let metrics = scrape(app.metrics_addr).await;
+    assert!(
+        metrics.contains(r#"channel_assignment_rpc_shed_total{reason="streams"}"#),
+        "{metrics}"
+    );
 }

@@ -1,16 +1,22 @@
 //! Accepting connections, with the bounds hyper and tonic do not set: at most
-//! `max_connections` open at once (one more is closed at once, with a
-//! rate-limited log line), and each must start HTTP/2 (the client preface and
-//! its first frame header) within the handshake timeout, or it is closed.
-//! Without these, silent or half-open connections are held forever and run
-//! the process out of file descriptors and memory.
+//! `max_connections` open at once, and each must start HTTP/2 (the client
+//! preface and its first frame header) within the handshake timeout, or it
+//! is closed. Without these, silent or half-open connections are held
+//! forever and run the process out of file descriptors and memory.
+//!
+//! At the cap, a new connection takes the place of the oldest one that has
+//! still not started HTTP/2 (which is closed), so that a flood of silent
+//! connections cannot keep real clients out; only when every open
+//! connection has started is the new one closed at once (with a rate-limited
+//! log line).
 
 use std::{
+    collections::VecDeque,
     io,
     net::SocketAddr,
     pin::Pin,
-    sync::{Arc, atomic::AtomicUsize},
-    task::{Context, Poll},
+    sync::{Arc, Mutex, PoisonError, Weak, atomic::AtomicUsize},
+    task::{Context, Poll, Waker},
     time::Duration,
 };
 
@@ -59,6 +65,9 @@ pub struct Incoming {
     slots: Arc<Semaphore>,
     metrics: Arc<Metrics>,
     paused: Option<Pin<Box<Sleep>>>,
+    /// Connections that had not started HTTP/2 when last looked at, oldest
+    /// first: the ones a new connection may take the place of.
+    handshaking: VecDeque<Weak<Handshake>>,
     refused_log: RateLimitedLog,
     accept_error_log: RateLimitedLog,
 }
@@ -71,6 +80,7 @@ impl Incoming {
             limits,
             metrics,
             paused: None,
+            handshaking: VecDeque::new(),
             refused_log: RateLimitedLog::default(),
             accept_error_log: RateLimitedLog::default(),
         }
@@ -102,7 +112,11 @@ impl Stream for Incoming {
                     continue;
                 }
             };
-            let Ok(slot) = Arc::clone(&this.slots).try_acquire_owned() else {
+            let slot = Arc::clone(&this.slots)
+                .try_acquire_owned()
+                .ok()
+                .or_else(|| this.evict_oldest_handshaking());
+            let Some(slot) = slot else {
                 drop(stream);
                 this.metrics.connection_refused("limit");
                 if let Some(suppressed) = this.refused_log.should_log() {
@@ -115,14 +129,77 @@ impl Stream for Incoming {
                 continue;
             };
             let _ = stream.set_nodelay(true);
-            return Poll::Ready(Some(Ok(Connection::new(
+            let connection = Connection::new(
                 stream,
                 remote_addr,
                 slot,
                 this.limits.handshake_timeout,
                 Arc::clone(&this.metrics),
-            ))));
+            );
+            if let Some(handshake) = &connection.handshake {
+                this.remember_handshaking(handshake);
+            }
+            return Poll::Ready(Some(Ok(connection)));
         }
+    }
+}
+
+impl Incoming {
+    /// Closes the oldest connection that has not started HTTP/2 yet, and
+    /// hands its place over.
+    fn evict_oldest_handshaking(&mut self) -> Option<OwnedSemaphorePermit> {
+        while let Some(oldest) = self.handshaking.pop_front() {
+            if let Some(slot) = oldest.upgrade().and_then(|handshake| handshake.evict()) {
+                self.metrics.connection_refused("evicted");
+                return Some(slot);
+            }
+        }
+        None
+    }
+
+    fn remember_handshaking(&mut self, handshake: &Arc<Handshake>) {
+        // Entries of connections that started (or closed) are dropped now
+        // and then, so that the queue stays about as long as the cap.
+        if self.handshaking.len() >= 2 * self.limits.max_connections.max(1) {
+            self.handshaking.retain(|entry| {
+                entry
+                    .upgrade()
+                    .is_some_and(|handshake| handshake.is_pending())
+            });
+        }
+        self.handshaking.push_back(Arc::downgrade(handshake));
+    }
+}
+
+/// A connection's place while it has not started HTTP/2: the acceptor may
+/// take the place away (evicting it), until the connection claims it back
+/// once its preface has arrived.
+struct Handshake {
+    slot: Mutex<Option<OwnedSemaphorePermit>>,
+    waker: Mutex<Option<Waker>>,
+}
+
+impl Handshake {
+    fn lock_slot(&self) -> std::sync::MutexGuard<'_, Option<OwnedSemaphorePermit>> {
+        self.slot.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn is_pending(&self) -> bool {
+        self.lock_slot().is_some()
+    }
+
+    /// Takes the place away and wakes the connection, which then closes.
+    fn evict(&self) -> Option<OwnedSemaphorePermit> {
+        let slot = self.lock_slot().take()?;
+        if let Some(waker) = self
+            .waker
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+        {
+            waker.wake();
+        }
+        Some(slot)
     }
 }
 
@@ -131,10 +208,14 @@ impl Stream for Incoming {
 pub struct Connection {
     stream: TcpStream,
     info: ConnectionInfo,
-    handshake: Option<Pin<Box<Sleep>>>,
+    /// Until HTTP/2 has started: the deadline, and the place that can be
+    /// taken away.
+    handshake_deadline: Option<Pin<Box<Sleep>>>,
+    handshake: Option<Arc<Handshake>>,
     read_so_far: usize,
     metrics: Arc<Metrics>,
-    _slot: OwnedSemaphorePermit,
+    /// The place, once HTTP/2 has started (before that, in `handshake`).
+    slot: Option<OwnedSemaphorePermit>,
 }
 
 impl Connection {
@@ -152,12 +233,16 @@ impl Connection {
                 remote_addr: Some(remote_addr),
                 watch_streams: Arc::default(),
             },
-            handshake: Some(Box::pin(tokio::time::sleep_until(
+            handshake_deadline: Some(Box::pin(tokio::time::sleep_until(
                 Instant::now() + handshake_timeout,
             ))),
+            handshake: Some(Arc::new(Handshake {
+                slot: Mutex::new(Some(slot)),
+                waker: Mutex::new(None),
+            })),
             read_so_far: 0,
             metrics,
-            _slot: slot,
+            slot: None,
         }
     }
 }
@@ -183,10 +268,21 @@ impl AsyncRead for Connection {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
-        if let Some(handshake) = &mut this.handshake
-            && handshake.as_mut().poll(cx).is_ready()
+        if let Some(handshake) = &this.handshake {
+            if !handshake.is_pending() {
+                this.handshake = None;
+                this.handshake_deadline = None;
+                return Poll::Ready(Err(evicted()));
+            }
+            *handshake
+                .waker
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner) = Some(cx.waker().clone());
+        }
+        if let Some(deadline) = &mut this.handshake_deadline
+            && deadline.as_mut().poll(cx).is_ready()
         {
-            this.handshake = None;
+            this.handshake_deadline = None;
             this.metrics.connection_refused("handshake_timeout");
             return Poll::Ready(Err(io::Error::new(
                 io::ErrorKind::TimedOut,
@@ -195,10 +291,18 @@ impl AsyncRead for Connection {
         }
         let filled_before = buf.filled().len();
         let read = Pin::new(&mut this.stream).poll_read(cx, buf);
-        if this.handshake.is_some() && matches!(read, Poll::Ready(Ok(()))) {
+        if this.handshake_deadline.is_some() && matches!(read, Poll::Ready(Ok(()))) {
             this.read_so_far += buf.filled().len() - filled_before;
             if this.read_so_far >= HANDSHAKE_BYTES {
-                this.handshake = None;
+                this.handshake_deadline = None;
+                // Started: the place is this connection's for good.
+                this.slot = this
+                    .handshake
+                    .take()
+                    .and_then(|handshake| handshake.evict());
+                if this.slot.is_none() {
+                    return Poll::Ready(Err(evicted()));
+                }
             }
         }
         read
@@ -233,6 +337,13 @@ impl AsyncWrite for Connection {
     fn is_write_vectored(&self) -> bool {
         self.stream.is_write_vectored()
     }
+}
+
+fn evicted() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::ConnectionAborted,
+        "closed before HTTP/2 started, to make room for another connection",
+    )
 }
 
 /// Says when a repeated event is due a log line again, and how many

@@ -16,6 +16,7 @@ use tonic_health::{ServingStatus, server::HealthReporter};
 use tower::Service;
 
 use crate::api::grpc::assignment::ChannelAssignmentService;
+use crate::api::grpc::body::GuardedBody;
 use crate::api::grpc::connections::ConnectionInfo;
 use crate::api::grpc::inventory::ChannelInventoryService;
 use crate::error::{ServiceError, anyhow_chain};
@@ -180,7 +181,7 @@ where
         let response = self.inner.call(request);
         Box::pin(async move {
             let response = response.await?;
-            Ok(response.map(|body| tonic::body::Body::new(CountedBody { body, _slot: slot })))
+            Ok(response.map(|body| GuardedBody::wrap(body, slot)))
         })
     }
 }
@@ -191,31 +192,5 @@ struct WatchSlot(Arc<AtomicUsize>);
 impl Drop for WatchSlot {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
-/// A response body that holds a `WatchSlot` for as long as it is streamed.
-struct CountedBody {
-    body: tonic::body::Body,
-    _slot: WatchSlot,
-}
-
-impl http_body::Body for CountedBody {
-    type Data = bytes::Bytes;
-    type Error = tonic::Status;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
-        Pin::new(&mut self.body).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.body.size_hint()
     }
 }

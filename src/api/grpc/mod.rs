@@ -2,12 +2,14 @@
 //! of the server goes through.
 
 pub mod assignment;
+pub mod body;
 pub mod codec;
 pub mod connections;
 pub mod convert;
 pub mod health;
 pub mod inventory;
 pub mod observe;
+pub mod streams;
 pub mod transport_errors;
 
 /// Largest request message accepted; the real ones are a few hundred bytes.

@@ -3,7 +3,7 @@
 
 use std::{
     pin::Pin,
-    sync::{Arc, LazyLock},
+    sync::{Arc, LazyLock, Mutex, PoisonError},
     task::{Context, Poll},
     time::Instant,
 };
@@ -16,6 +16,7 @@ use tower::{Layer, Service};
 use tracing::{Instrument as _, Span, field};
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
+use crate::api::grpc::connections::RateLimitedLog;
 use crate::error::code_name;
 use crate::metrics::Metrics;
 
@@ -26,11 +27,15 @@ use crate::metrics::Metrics;
 #[derive(Clone)]
 pub struct ObserveRpcLayer {
     metrics: Arc<Metrics>,
+    shed_log: Arc<Mutex<RateLimitedLog>>,
 }
 
 impl ObserveRpcLayer {
     pub fn new(metrics: Arc<Metrics>) -> Self {
-        Self { metrics }
+        Self {
+            metrics,
+            shed_log: Arc::default(),
+        }
     }
 }
 
@@ -41,6 +46,7 @@ impl<S> Layer<S> for ObserveRpcLayer {
         ObserveRpc {
             inner,
             metrics: Arc::clone(&self.metrics),
+            shed_log: Arc::clone(&self.shed_log),
         }
     }
 }
@@ -49,6 +55,7 @@ impl<S> Layer<S> for ObserveRpcLayer {
 pub struct ObserveRpc<S> {
     inner: S,
     metrics: Arc<Metrics>,
+    shed_log: Arc<Mutex<RateLimitedLog>>,
 }
 
 impl<S: NamedService> NamedService for ObserveRpc<S> {
@@ -100,6 +107,7 @@ where
         let started = Instant::now();
         let in_flight = self.metrics.rpc_started();
         let metrics = Arc::clone(&self.metrics);
+        let shed_log = Arc::clone(&self.shed_log);
         // The interceptor runs inside `call`, so it can record the organization.
         let response = span.in_scope(|| self.inner.call(request));
         Box::pin(
@@ -111,10 +119,27 @@ where
                     Ok(response) => {
                         let code = response_code(response);
                         metrics.rpc_finished(method, code_name(code), latency);
-                        if matches!(code, Code::Internal | Code::Unknown | Code::DataLoss) {
-                            tracing::error!(code = code_name(code), latency_ms, "rpc");
-                        } else {
-                            tracing::info!(code = code_name(code), latency_ms, "rpc");
+                        match code {
+                            Code::Internal | Code::Unknown | Code::DataLoss => {
+                                tracing::error!(code = code_name(code), latency_ms, "rpc");
+                            }
+                            // Under overload or a flood, a line per shed request
+                            // would multiply the load: one line now and then says
+                            // it is happening; the metrics count every one.
+                            Code::ResourceExhausted => {
+                                tracing::debug!(code = code_name(code), latency_ms, "rpc");
+                                if let Some(suppressed) = shed_log
+                                    .lock()
+                                    .unwrap_or_else(PoisonError::into_inner)
+                                    .should_log()
+                                {
+                                    tracing::warn!(
+                                        suppressed,
+                                        "shedding requests with RESOURCE_EXHAUSTED (each at debug; counted in rpc_shed_total)"
+                                    );
+                                }
+                            }
+                            _ => tracing::info!(code = code_name(code), latency_ms, "rpc"),
                         }
                     }
                     Err(error) => {
