@@ -326,12 +326,17 @@ fn noun(kind: ChannelKind) -> &'static str {
 impl From<ServiceError> for Status {
     fn from(error: ServiceError) -> Self {
         let (code, http_status) = error.code_and_http_status();
-        if matches!(
-            error,
-            ServiceError::Internal(_) | ServiceError::Unavailable(_) | ServiceError::Transport(..)
-        ) {
-            // The caller sees a generic message; the cause goes to the log.
-            tracing::error!(error = ?anyhow_chain(&error), reason = error.reason(), "request failed");
+        // The caller sees a generic message; the cause goes to the log. An
+        // unavailable database is an operations matter (health and metrics
+        // say so too), not a defect: a warning, not an error.
+        match &error {
+            ServiceError::Internal(_) | ServiceError::Transport(..) => {
+                tracing::error!(error = ?anyhow_chain(&error), reason = error.reason(), "request failed");
+            }
+            ServiceError::Unavailable(_) => {
+                tracing::warn!(error = ?anyhow_chain(&error), reason = error.reason(), "request failed");
+            }
+            _ => {}
         }
 
         let mut details = ErrorDetails::new();
@@ -387,8 +392,12 @@ pub fn anyhow_chain(error: &(dyn std::error::Error + 'static)) -> String {
     let mut rendered = error.to_string();
     let mut source = error.source();
     while let Some(cause) = source {
-        rendered.push_str(": ");
-        rendered.push_str(&cause.to_string());
+        // sqlx repeats its database error's text in its own: say it once.
+        let text = cause.to_string();
+        if !rendered.contains(&text) {
+            rendered.push_str(": ");
+            rendered.push_str(&text);
+        }
         source = cause.source();
     }
     rendered

@@ -394,6 +394,35 @@ async fn undecodable_messages_are_invalid_arguments_with_details(pool: PgPool) {
         );
         assert_eq!(field_violations(&status), ["request"], "{case}");
     }
+    // Broken framing: a length prefix longer than the body, and a compressed
+    // flag without an encoding.
+    for (case, body) in [
+        (
+            "length prefix beyond the body",
+            vec![0, 0, 0, 0, 100, 0x0a, 0x02],
+        ),
+        (
+            "compressed without an encoding",
+            vec![1, 0, 0, 0, 2, 0x0a, 0x00],
+        ),
+    ] {
+        let (response, mut stream) = connection
+            .open(
+                "/channels.v1.ChannelAssignment/AssignMailbox",
+                &[("authorization", authorization.as_str())],
+            )
+            .await
+            .unwrap();
+        stream.send_data(bytes::Bytes::from(body), true).unwrap();
+        let response = response.await.unwrap();
+        let status = tonic::Status::from_header_map(response.headers()).expect("trailers-only");
+        let status = assert_error(
+            Err::<(), _>(status),
+            Code::InvalidArgument,
+            "INVALID_ARGUMENT",
+        );
+        assert_eq!(field_violations(&status), ["request"], "{case}");
+    }
     assert_eq!(snapshot(&pool).await, before);
 }
 

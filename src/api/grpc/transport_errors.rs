@@ -15,7 +15,7 @@ use std::{
 use tonic::{Code, Status, body::Body, server::NamedService};
 use tower::{Layer, Service};
 
-use crate::error::ServiceError;
+use crate::error::{FieldViolation, ServiceError};
 
 #[derive(Clone, Copy, Default)]
 pub struct TransportErrorsLayer;
@@ -92,6 +92,13 @@ fn with_details(response: http::Response<Body>, body_failed: bool) -> http::Resp
             Code::Ok => return response,
             Code::OutOfRange => ServiceError::MessageTooLarge(super::MAX_MESSAGE_SIZE),
             Code::Unimplemented => ServiceError::UnknownMethod,
+            // tonic's own INTERNAL before the service ran: the request's
+            // framing was broken (a length prefix longer than the body, a
+            // compressed flag without an encoding). The caller's fault.
+            Code::Internal | Code::Unknown => ServiceError::InvalidArgument(vec![FieldViolation {
+                field: "request",
+                description: "the request is not a well-formed gRPC message".to_owned(),
+            }]),
             _ => {
                 let message = headers
                     .get("grpc-message")
