@@ -10,12 +10,6 @@ use channel_assignment::{
 };
 use clap::Parser as _;
 
-/// mimalloc gives memory back to the system soon after it is freed; with
-/// glibc's allocator, RSS stayed at its peak after a burst of streams or
-/// connections had gone (RELIABILITY.md, "Hostile callers").
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let outcome = tokio::runtime::Builder::new_multi_thread()
