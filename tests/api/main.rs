@@ -14,6 +14,7 @@ mod inventory;
 mod isolation;
 mod load;
 mod metrics;
+mod migrations;
 mod operations;
 mod overload;
 mod pool;
