@@ -18,16 +18,23 @@ prepare() {
 
 # pgbench with the service's statements and mix (`bench pgbench-scripts`),
 # C connections to PORT over TCP, -M prepared like sqlx; extra pgbench
-# arguments after SIZE. Runs in $work, so that -l logs land there.
+# arguments after SIZE. Runs in $work, so that -l logs land there. The
+# statements are those of $workload (as `bench load --workload`): writes (the
+# default), reads-get or reads-lookup.
 run_pgbench() { # PORT C SIZE [pgbench args...]
-    local port=$1 concurrency=$2 size=$3
+    local port=$1 concurrency=$2 size=$3 scripts
     shift 3
+    case ${workload:-writes} in
+        writes) scripts=(-f pgbench/assign_mailbox.sql@40 -f pgbench/unassign_mailbox.sql@10
+                         -f pgbench/assign_phone_number.sql@40 -f pgbench/unassign_phone_number.sql@10) ;;
+        reads-get) scripts=(-f pgbench/get_identity.sql) ;;
+        reads-lookup) scripts=(-f pgbench/lookup_identity_by_email_address.sql) ;;
+        *) echo "unknown workload: $workload" >&2; return 1 ;;
+    esac
     (cd "$work" && pgbench -h 127.0.0.1 -p "$port" -U postgres -n -M prepared \
         -c "$concurrency" -j 2 -T "$DURATION" "$@" \
         -D n="$size" -D k="$ORGANIZATIONS" -D not_found=50 -D conflict=100 \
-        -f pgbench/assign_mailbox.sql@40 -f pgbench/unassign_mailbox.sql@10 \
-        -f pgbench/assign_phone_number.sql@40 -f pgbench/unassign_phone_number.sql@10 \
-        "$DATABASE" 2>&1)
+        "${scripts[@]}" "$DATABASE" 2>&1)
 }
 
 # The CPU a `times` line (its second: children's user and system) reports, in seconds.

@@ -13,6 +13,11 @@
 //! number `2N+o`: conflicts aim at those, so no two requests ever race for a
 //! free channel (pgbench would abort a client on the unique violation the
 //! service answers as ALREADY_EXISTS).
+//!
+//! Reads (`--workload reads-get`, `reads-lookup`) pick identity `i` uniformly
+//! and ask for it by handle (`GetIdentity`) or by the address of mailbox `i`,
+//! `agent{i}@bench.example`, which the seed links to it (`LookupIdentity`):
+//! on a freshly seeded dataset every read finds its identity.
 
 use std::{
     collections::BTreeMap,
@@ -26,12 +31,13 @@ use anyhow::Context as _;
 use channel_assignment::{
     MIGRATOR, auth,
     proto::{
-        AssignMailboxRequest, AssignPhoneNumberRequest, UnassignMailboxRequest,
-        UnassignPhoneNumberRequest, channel_assignment_client::ChannelAssignmentClient,
+        AssignMailboxRequest, AssignPhoneNumberRequest, GetIdentityRequest, LookupIdentityRequest,
+        UnassignMailboxRequest, UnassignPhoneNumberRequest,
+        channel_assignment_client::ChannelAssignmentClient, lookup_identity_request,
     },
     store, telemetry,
 };
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use tonic::{
     Request,
     metadata::{AsciiMetadataValue, MetadataValue},
@@ -100,6 +106,27 @@ struct Mix {
     conflict_permille: u64,
 }
 
+/// What the load generator sends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Workload {
+    /// The write mix (`Mix`): assigns and unassigns.
+    Writes,
+    /// `GetIdentity` of a random identity, by handle.
+    ReadsGet,
+    /// `LookupIdentity` by the email address of a random identity's mailbox.
+    ReadsLookup,
+}
+
+impl Workload {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Writes => "writes",
+            Self::ReadsGet => "reads-get",
+            Self::ReadsLookup => "reads-lookup",
+        }
+    }
+}
+
 #[derive(Args)]
 struct LoadArgs {
     #[arg(long, default_value = "http://127.0.0.1:50051")]
@@ -108,6 +135,9 @@ struct LoadArgs {
     secret: String,
     #[command(flatten)]
     dataset: Dataset,
+    #[arg(long, value_enum, default_value_t = Workload::Writes)]
+    workload: Workload,
+    /// The write mix; ignored by the read workloads.
     #[command(flatten)]
     mix: Mix,
     /// Requests in flight at once.
@@ -138,14 +168,24 @@ enum Operation {
     UnassignMailbox,
     AssignPhoneNumber,
     UnassignPhoneNumber,
+    GetIdentity,
+    LookupIdentityByEmailAddress,
 }
 
 impl Operation {
-    const ALL: [Self; 4] = [
+    const WRITES: [Self; 4] = [
         Self::AssignMailbox,
         Self::UnassignMailbox,
         Self::AssignPhoneNumber,
         Self::UnassignPhoneNumber,
+    ];
+    const ALL: [Self; 6] = [
+        Self::AssignMailbox,
+        Self::UnassignMailbox,
+        Self::AssignPhoneNumber,
+        Self::UnassignPhoneNumber,
+        Self::GetIdentity,
+        Self::LookupIdentityByEmailAddress,
     ];
 
     fn name(self) -> &'static str {
@@ -154,6 +194,8 @@ impl Operation {
             Self::UnassignMailbox => "unassign_mailbox",
             Self::AssignPhoneNumber => "assign_phone_number",
             Self::UnassignPhoneNumber => "unassign_phone_number",
+            Self::GetIdentity => "get_identity",
+            Self::LookupIdentityByEmailAddress => "lookup_identity_by_email_address",
         }
     }
 
@@ -163,8 +205,14 @@ impl Operation {
             Self::UnassignMailbox => mix.unassign_mailbox,
             Self::AssignPhoneNumber => mix.assign_phone_number,
             Self::UnassignPhoneNumber => mix.unassign_phone_number,
+            Self::GetIdentity | Self::LookupIdentityByEmailAddress => 0,
         }
     }
+}
+
+/// The address of mailbox `index`, as `bench seed` writes it.
+fn email_address(index: u64) -> String {
+    format!("agent{index}@bench.example")
 }
 
 const MAILBOX_NIBBLE: u128 = 1;
@@ -298,10 +346,15 @@ struct Tally {
 async fn load(args: LoadArgs) -> anyhow::Result<()> {
     let dataset = args.dataset;
     let mix = args.mix;
-    let operations: Vec<Operation> = Operation::ALL
-        .into_iter()
-        .flat_map(|op| std::iter::repeat_n(op, op.weight(&mix) as usize))
-        .collect();
+    let workload = args.workload;
+    let operations: Vec<Operation> = match workload {
+        Workload::Writes => Operation::WRITES
+            .into_iter()
+            .flat_map(|op| std::iter::repeat_n(op, op.weight(&mix) as usize))
+            .collect(),
+        Workload::ReadsGet => vec![Operation::GetIdentity],
+        Workload::ReadsLookup => vec![Operation::LookupIdentityByEmailAddress],
+    };
     anyhow::ensure!(!operations.is_empty(), "the mix has no weight");
     // One token per organization, parsed into metadata once.
     let tokens: Arc<Vec<AsciiMetadataValue>> = Arc::new(
@@ -347,11 +400,20 @@ async fn load(args: LoadArgs) -> anyhow::Result<()> {
                     return tally;
                 }
                 let operation = operations[dice.below(operations.len() as u64) as usize];
-                let (identity, channel) = pick(&mut dice, dataset, &mix);
+                let (identity, channel) = match workload {
+                    Workload::Writes => pick(&mut dice, dataset, &mix),
+                    Workload::ReadsGet | Workload::ReadsLookup => {
+                        (dice.below(dataset.identities()), 0)
+                    }
+                };
                 let token = tokens[(identity % dataset.organizations) as usize].clone();
-                let handle = format!("agent-{identity}");
+                // The handle, or for a lookup the address of the identity's mailbox.
+                let key = match operation {
+                    Operation::LookupIdentityByEmailAddress => email_address(identity),
+                    _ => format!("agent-{identity}"),
+                };
                 let started = Instant::now();
-                let code = send(&mut client, operation, handle, channel, token).await;
+                let code = send(&mut client, operation, key, channel, token).await;
                 if started >= warm_until {
                     let micros = started.elapsed().as_micros();
                     tally
@@ -378,7 +440,7 @@ async fn load(args: LoadArgs) -> anyhow::Result<()> {
 async fn send(
     client: &mut ChannelAssignmentClient<Channel>,
     operation: Operation,
-    handle: String,
+    key: String,
     channel: u64,
     token: AsciiMetadataValue,
 ) -> &'static str {
@@ -387,6 +449,7 @@ async fn send(
         request.metadata_mut().insert("authorization", token);
         request
     }
+    let handle = key;
     let result = match operation {
         Operation::AssignMailbox => client
             .assign_mailbox(authorized(
@@ -421,6 +484,24 @@ async fn send(
             .unassign_phone_number(authorized(
                 UnassignPhoneNumberRequest {
                     agent_handle: handle,
+                },
+                token,
+            ))
+            .await
+            .map(drop),
+        Operation::GetIdentity => client
+            .get_identity(authorized(
+                GetIdentityRequest {
+                    agent_handle: handle,
+                },
+                token,
+            ))
+            .await
+            .map(drop),
+        Operation::LookupIdentityByEmailAddress => client
+            .lookup_identity(authorized(
+                LookupIdentityRequest {
+                    channel: Some(lookup_identity_request::Channel::EmailAddress(handle)),
                 },
                 token,
             ))
@@ -485,6 +566,7 @@ fn report(args: &LoadArgs, mut total: Tally, client_cpu_seconds: f64) {
         println!(
             "{}",
             serde_json::json!({
+                "workload": args.workload.name(),
                 "concurrency": args.concurrency,
                 "identities": args.dataset.identities(),
                 "duration_s": seconds,
@@ -497,16 +579,18 @@ fn report(args: &LoadArgs, mut total: Tally, client_cpu_seconds: f64) {
         );
     } else {
         println!(
-            "{requests} requests in {seconds:.1} s at C={}: {rps:.0} rps, p50 {p50:.2} ms, \
+            "{} {requests} requests in {seconds:.1} s at C={}: {rps:.0} rps, p50 {p50:.2} ms, \
              p90 {p90:.2} ms, p99 {p99:.2} ms, max {max:.2} ms, codes {:?}, \
              load generator CPU {client_cpu_us_per_request:.1} µs/request",
-            args.concurrency, total.codes
+            args.workload.name(),
+            args.concurrency,
+            total.codes
         );
     }
 }
 
 /// The service's statements with pgbench variables for its parameters, and
-/// the same picks as `pick`. Run with `-M prepared`, like sqlx.
+/// the same picks as `pick` (reads: a uniform identity). Run with `-M prepared`, like sqlx.
 fn pgbench_scripts(args: &ScriptArgs) -> anyhow::Result<()> {
     fs::create_dir_all(&args.out)?;
     let picks = r"\set identity random(0, :n - 1)
@@ -549,6 +633,19 @@ fn pgbench_scripts(args: &ScriptArgs) -> anyhow::Result<()> {
                 let sql = sql
                     .replace("$3", seconds_left)
                     .replace("$2", handle)
+                    .replace("$1", organization);
+                format!("{identity_only}{};\n", one_line(&sql))
+            }
+            Operation::GetIdentity => {
+                let sql = store::GET_IDENTITY
+                    .replace("$2", handle)
+                    .replace("$1", organization);
+                format!("{identity_only}{};\n", one_line(&sql))
+            }
+            Operation::LookupIdentityByEmailAddress => {
+                // The address `email_address` builds, built by PostgreSQL.
+                let sql = store::LOOKUP_BY_EMAIL_ADDRESS
+                    .replace("$2", "('agent' || :identity || '@bench.example')")
                     .replace("$1", organization);
                 format!("{identity_only}{};\n", one_line(&sql))
             }
