@@ -2,13 +2,29 @@
 -- reads use, and channels or identities that leave taking their links with
 -- them. Applies to a database that already holds data of the first schema.
 
--- A new or changed address must be local@domain (split at the last '@'),
--- both parts non-empty, no whitespace, at most 320 characters, as the
--- service checks (src/domain.rs). NOT VALID: rows written before this
--- migration are not re-checked, and keep working as they are.
+-- A new or changed address of a live mailbox must be local@domain (split at
+-- the last '@'), both parts non-empty, no whitespace, at most 320
+-- characters, as the service checks (src/domain.rs). NOT VALID: rows written
+-- before this migration are not re-checked and keep being served; a live
+-- one that is updated must get a well-formed address, and any can be deleted.
 ALTER TABLE mailboxes ADD CONSTRAINT mailboxes_email_address_format
-    CHECK (char_length(email_address) <= 320
-           AND email_address ~ '^[^[:space:]]+@[^@[:space:]]+$') NOT VALID;
+    CHECK (status = 'deleted'
+           OR (char_length(email_address) <= 320
+               AND email_address ~ '^[^[:space:]]+@[^@[:space:]]+$')) NOT VALID;
+
+-- The first schema unlinked nothing when an identity was deleted, or a
+-- mailbox deleted or a number released, by SQL: such links would contradict
+-- what this schema keeps true from now on (a deleted identity holds no
+-- channel; a removed channel is linked to no identity), so they go now.
+UPDATE identities SET mailbox_id = NULL, phone_number_id = NULL
+WHERE status = 'deleted' AND (mailbox_id IS NOT NULL OR phone_number_id IS NOT NULL);
+UPDATE identities AS i SET mailbox_id = NULL
+FROM mailboxes AS m
+WHERE m.organization_id = i.organization_id AND m.id = i.mailbox_id AND m.status = 'deleted';
+UPDATE identities AS i SET phone_number_id = NULL
+FROM phone_numbers AS p
+WHERE p.organization_id = i.organization_id AND p.id = i.phone_number_id
+  AND p.status = 'released';
 
 -- Existing duplicates would make the unique indexes below fail with an
 -- opaque error: say which, and stop, rather than pick a winner silently.

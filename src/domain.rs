@@ -143,8 +143,8 @@ impl EmailAddress {
         if raw.chars().count() > Self::MAX_LEN {
             return Err("email_address must be at most 320 characters");
         }
-        if raw.chars().any(char::is_whitespace) {
-            return Err("email_address must not contain whitespace");
+        if raw.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err("email_address must not contain whitespace or control characters");
         }
         match raw.rsplit_once('@') {
             Some((local, domain)) if !local.is_empty() && !domain.is_empty() => {
@@ -364,6 +364,7 @@ mod tests {
             "jane@",
             "jane doe@example.com",
             "jane@exa\tmple.com",
+            "jane@example.com\0",
             &format!("{}@example.com", "a".repeat(320)),
         ] {
             assert!(EmailAddress::parse(raw).is_err(), "{raw:?}");

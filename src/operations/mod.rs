@@ -471,6 +471,13 @@ fn optional_text(field: &'static str, raw: &str) -> Result<Option<String>, Field
             description: format!("{field} must be at most {MAX_TEXT_LEN} characters"),
         });
     }
+    // PostgreSQL's text cannot hold NUL: refused here, not as INTERNAL there.
+    if raw.contains('\0') {
+        return Err(FieldViolation {
+            field,
+            description: format!("{field} must not contain NUL characters"),
+        });
+    }
     Ok((!raw.is_empty()).then(|| raw.to_owned()))
 }
 

@@ -415,6 +415,20 @@ async fn malformed_upserts_are_invalid_and_change_nothing(pool: PgPool) {
             vec!["email_address"],
         ),
         (
+            "NUL in a display name",
+            app.upsert_identity(ORG, identity("ok", "a\0b", IdentityStatus::Unspecified))
+                .await
+                .map(drop),
+            vec!["display_name"],
+        ),
+        (
+            "NUL in an address",
+            app.upsert_mailbox(ORG, mailbox(Uuid::new_v4(), "a\0@b.example"))
+                .await
+                .map(drop),
+            vec!["email_address"],
+        ),
+        (
             "number",
             app.upsert_phone_number(ORG, phone_number(Uuid::new_v4(), "555-0100"))
                 .await

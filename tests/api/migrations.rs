@@ -476,14 +476,10 @@ async fn live_duplicate_numbers_stop_the_migration_a_paused_one_counting_as_live
     assert_eq!(snapshot(&pool).await, before, "no row changed");
 }
 
-// KNOWN FAILING: the two tests below (`bug_…`) fail against the service as
-// committed. Under the first schema nothing unlinked a channel when its
-// identity was deleted or when it was itself deleted / released (operators
-// did both with plain SQL), and the second migration adds triggers for
-// future changes only: links of that kind survive the migration. The service
-// then contradicts itself about them (see each test). Not fixed here (tests
-// only): the migration could unlink them, or the statements could ignore
-// deleted holders and removed channels.
+// Links the first schema left behind: nothing unlinked a channel when its
+// identity was deleted, or when it was itself deleted / released, by plain
+// SQL. The second migration unlinks them, so the service cannot contradict
+// itself about them afterwards (each test lists what it would say).
 
 /// Every `(what, observed)` that is wrong, reported together.
 fn assert_no_problems(problems: &[String]) {
@@ -501,7 +497,7 @@ fn assert_no_problems(problems: &[String]) {
 /// out, and restoring the deleted identity hands it back still linked
 /// (the contract: a restored identity is unlinked).
 #[sqlx::test(migrations = false)]
-async fn bug_a_mailbox_held_by_an_identity_deleted_before_the_migration_is_free_afterwards(
+async fn a_mailbox_held_by_an_identity_deleted_before_the_migration_is_free_afterwards(
     pool: PgPool,
 ) {
     MIGRATOR.run_to(FIRST, &pool).await.expect("first schema");
@@ -591,7 +587,7 @@ async fn bug_a_mailbox_held_by_an_identity_deleted_before_the_migration_is_free_
 /// migration: GetIdentity shows the removed channel in its detail, while
 /// LookupIdentity by that channel's id answers that it does not exist.
 #[sqlx::test(migrations = false)]
-async fn bug_a_channel_removed_before_the_migration_is_not_in_its_identity_detail(pool: PgPool) {
+async fn a_channel_removed_before_the_migration_is_not_in_its_identity_detail(pool: PgPool) {
     MIGRATOR.run_to(FIRST, &pool).await.expect("first schema");
     insert_old_data(&pool).await;
     // Linked, then removed with plain SQL, under the first schema.
