@@ -584,3 +584,30 @@ async fn a_deletion_racing_assigns_leaves_no_deleted_channel_linked(pool: PgPool
         assert_eq!(linked_deleted, 0, "round {round}");
     }
 }
+
+#[sqlx::test]
+async fn inventory_is_in_health_and_metrics_like_the_assignment_service(pool: PgPool) {
+    let app = spawn_app(&pool).await;
+    let health = tonic_health::pb::health_client::HealthClient::new(app.channel.clone())
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "channels.v1.ChannelInventory".into(),
+        })
+        .await
+        .expect("the inventory service has a health status")
+        .into_inner();
+    assert_eq!(
+        health.status(),
+        tonic_health::pb::health_check_response::ServingStatus::Serving
+    );
+
+    app.upsert_mailbox(ORG, mailbox(Uuid::new_v4(), "metrics@agents.example"))
+        .await
+        .unwrap();
+    let scraped = crate::metrics::scrape(app.metrics_addr).await;
+    assert!(
+        scraped.contains(
+            r#"channel_assignment_rpc_requests_total{method="UpsertMailbox",code="OK"} 1"#
+        ),
+        "{scraped}"
+    );
+}

@@ -151,6 +151,10 @@ async fn reflection_v1_and_v1alpha_describe_the_service_without_a_token(pool: Pg
         v1_services.contains(&"grpc.health.v1.Health".to_owned()),
         "{v1_services:?}"
     );
+    assert!(
+        v1_services.contains(&"channels.v1.ChannelInventory".to_owned()),
+        "{v1_services:?}"
+    );
 
     // grpcurl 1.8 asks v1alpha, and needs the service's file to call it.
     use tonic_reflection::pb::v1alpha::{
