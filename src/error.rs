@@ -51,6 +51,10 @@ pub enum ServiceError {
     /// The credentials lack the scope the RPC needs.
     #[error("the credentials lack the {0} scope")]
     ScopeMissing(&'static str),
+    /// Retention removed events after the reader's position: resuming would
+    /// leave a gap.
+    #[error("events after the given sequence were removed by retention")]
+    EventsExpired,
     #[error("the request's deadline passed")]
     DeadlineExceeded,
     /// More requests in flight than the server takes: shed at once.
@@ -123,6 +127,7 @@ impl ServiceError {
             Self::EmailAddressTaken => "EMAIL_ADDRESS_ALREADY_EXISTS",
             Self::PhoneNumberTaken => "PHONE_NUMBER_ALREADY_EXISTS",
             Self::ScopeMissing(_) => "SCOPE_MISSING",
+            Self::EventsExpired => "EVENTS_EXPIRED",
             Self::DeadlineExceeded => "DEADLINE_EXCEEDED",
             Self::Overloaded
             | Self::OrganizationOverloaded
@@ -152,6 +157,7 @@ impl ServiceError {
                 (Code::AlreadyExists, 409)
             }
             Self::ScopeMissing(_) => (Code::PermissionDenied, 403),
+            Self::EventsExpired => (Code::FailedPrecondition, 410),
             Self::DeadlineExceeded => (Code::DeadlineExceeded, 504),
             Self::Overloaded
             | Self::OrganizationOverloaded
@@ -203,6 +209,9 @@ impl ServiceError {
                 "the number is used by another phone number of the organization".to_owned()
             }
             Self::ScopeMissing(scope) => format!("the credentials lack the '{scope}' scope"),
+            Self::EventsExpired => "events after after_sequence were removed by retention: \
+                 start again from 0 (the oldest kept) after re-reading the current state"
+                .to_owned(),
             Self::DeadlineExceeded => "the request's deadline passed".to_owned(),
             Self::Overloaded => "the server is at capacity, retry shortly".to_owned(),
             Self::OrganizationOverloaded => {

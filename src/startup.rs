@@ -283,7 +283,6 @@ fn authenticate(
         {
             return Err(ServiceError::ScopeMissing(scope).into());
         }
-        request.extensions_mut().insert(caller.organization.clone());
         request.extensions_mut().insert(caller);
         Ok(request)
     }

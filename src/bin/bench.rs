@@ -618,6 +618,7 @@ fn pgbench_scripts(args: &ScriptArgs) -> anyhow::Result<()> {
                 let channel =
                     format!("('{nibble}' || lpad(to_hex(:channel::bigint), 31, '0'))::uuid");
                 let sql = sql
+                    .replace("$5", "''")
                     .replace("$4", seconds_left)
                     .replace("$3", &channel)
                     .replace("$2", handle)
@@ -631,6 +632,7 @@ fn pgbench_scripts(args: &ScriptArgs) -> anyhow::Result<()> {
                     store::UNASSIGN_PHONE_NUMBER
                 };
                 let sql = sql
+                    .replace("$4", "''")
                     .replace("$3", seconds_left)
                     .replace("$2", handle)
                     .replace("$1", organization);

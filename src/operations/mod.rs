@@ -19,7 +19,7 @@ use crate::domain::{
 };
 use crate::error::{FieldViolation, ServiceError};
 use crate::store::{
-    IdentityRecord, ListCursor, MailboxRecord, MailboxUpsert, Page, PhoneNumberRecord,
+    EventRecord, IdentityRecord, ListCursor, MailboxRecord, MailboxUpsert, Page, PhoneNumberRecord,
     PhoneNumberUpsert, Store,
 };
 use admission::{Admission, Admitted};
@@ -31,6 +31,9 @@ use page::{List, PageTokens, page_size};
 #[derive(Clone, Debug)]
 pub struct Call {
     pub organization: OrganizationId,
+    /// Who acts (the token's `sub`, or the gateway's `x-subject`), recorded
+    /// in the change events; empty when unknown.
+    pub actor: String,
     pub arrived: Instant,
     pub client_timeout: Option<Duration>,
 }
@@ -149,6 +152,7 @@ impl Operations {
             return Err(ServiceError::InvalidArgument(violations));
         };
         let organization = call.organization.clone();
+        let actor = call.actor.clone();
         let store = self.store.clone();
         self.admitted(call, move |window| async move {
             store
@@ -157,6 +161,7 @@ impl Operations {
                     &handle,
                     display_name.as_deref(),
                     status,
+                    &actor,
                     &window,
                 )
                 .await
@@ -205,9 +210,12 @@ impl Operations {
             status,
         };
         let organization = call.organization.clone();
+        let actor = call.actor.clone();
         let store = self.store.clone();
         self.admitted(call, move |window| async move {
-            store.upsert_mailbox(&organization, &mailbox, &window).await
+            store
+                .upsert_mailbox(&organization, &mailbox, &actor, &window)
+                .await
         })
         .await
     }
@@ -256,10 +264,11 @@ impl Operations {
             incoming_call_action,
         };
         let organization = call.organization.clone();
+        let actor = call.actor.clone();
         let store = self.store.clone();
         self.admitted(call, move |window| async move {
             store
-                .upsert_phone_number(&organization, &phone_number, &window)
+                .upsert_phone_number(&organization, &phone_number, &actor, &window)
                 .await
         })
         .await
@@ -307,6 +316,38 @@ impl Operations {
             })
             .await?;
         Ok(self.listed(call, list, page, |number| ListCursor::Id(number.id)))
+    }
+
+    /// Events of the caller's organization after `after_sequence`, oldest
+    /// first, and the position to poll from next.
+    pub async fn list_events(
+        &self,
+        call: &Call,
+        after_sequence: i64,
+        raw_page_size: i32,
+    ) -> Result<(Vec<EventRecord>, i64), ServiceError> {
+        let mut violations = Vec::new();
+        if after_sequence < 0 {
+            violations.push(FieldViolation {
+                field: "after_sequence",
+                description: "after_sequence must not be negative".to_owned(),
+            });
+        }
+        let size = page_size(raw_page_size)
+            .map_err(|v| violations.push(v))
+            .ok();
+        let Some(size) = size.filter(|_| violations.is_empty()) else {
+            return Err(ServiceError::InvalidArgument(violations));
+        };
+        let organization = call.organization.clone();
+        let store = self.store.clone();
+        let events = self
+            .admitted(call, move |_| async move {
+                store.list_events(&organization, after_sequence, size).await
+            })
+            .await?;
+        let next = events.last().map_or(after_sequence, |event| event.sequence);
+        Ok((events, next))
     }
 
     /// The page size and the position a list request asks for; every
@@ -373,10 +414,11 @@ impl Operations {
             return Err(ServiceError::InvalidArgument(violations));
         };
         let organization = call.organization.clone();
+        let actor = call.actor.clone();
         let store = self.store.clone();
         self.admitted(call, move |window| async move {
             store
-                .assign(&organization, &handle, kind, channel, &window)
+                .assign(&organization, &handle, kind, channel, &actor, &window)
                 .await
         })
         .await
@@ -390,9 +432,12 @@ impl Operations {
     ) -> Result<(), ServiceError> {
         let handle = parse_handle(raw_handle).map_err(ServiceError::from)?;
         let organization = call.organization.clone();
+        let actor = call.actor.clone();
         let store = self.store.clone();
         self.admitted(call, move |window| async move {
-            store.unassign(&organization, &handle, kind, &window).await
+            store
+                .unassign(&organization, &handle, kind, &actor, &window)
+                .await
         })
         .await
     }

@@ -18,6 +18,9 @@ use crate::operations::deadline::WriteWindow;
 /// channel gone) or waits for this to commit (and its unlinking trigger then
 /// sees the new link).
 ///
+/// `$5` is the caller's subject, the actor of the change event the link's
+/// trigger records (set for the statement before its update runs).
+///
 /// The request's remaining time travels with the statement (`$4`, seconds):
 /// sqlx cannot cancel a statement whose future is dropped, so a statement
 /// that waited on a lock past the deadline must fail rather than write when it
@@ -25,7 +28,10 @@ use crate::operations::deadline::WriteWindow;
 macro_rules! assign_statement {
     ($channel_table:literal, $link_column:literal) => {
         concat!(
-            "WITH target AS (
+            "WITH caller AS (
+                SELECT set_config('channels.actor', $5, true) AS actor
+            ),
+            target AS (
                 SELECT * FROM identities
                 WHERE organization_id = $1 AND agent_handle = $2
                   AND status IN ('active', 'paused')
@@ -45,6 +51,7 @@ macro_rules! assign_statement {
                   AND i.status IN ('active', 'paused')
                   AND i.", $link_column, " IS DISTINCT FROM $3
                   AND NOT EXISTS (SELECT 1 FROM holder WHERE holder.id <> i.id)
+                  AND (SELECT actor FROM caller) IS NOT NULL
                 RETURNING i.*, ensure_in_time($4)
             ),
             result AS (",
@@ -65,11 +72,15 @@ macro_rules! assign_statement {
 }
 
 /// Unlinks an identity's channel; a no-op (and no write) when none is linked.
-/// `$3` is the request's remaining time, guarded as for assign.
+/// `$3` is the request's remaining time, guarded as for assign; `$4` the
+/// actor of the change event.
 macro_rules! unassign_statement {
     ($link_column:literal) => {
         concat!(
-            "WITH target AS (
+            "WITH caller AS (
+                SELECT set_config('channels.actor', $4, true) AS actor
+            ),
+            target AS (
                 SELECT organization_id, id FROM identities
                 WHERE organization_id = $1 AND agent_handle = $2
                   AND status IN ('active', 'paused')
@@ -84,6 +95,7 @@ macro_rules! unassign_statement {
                   AND i.",
             $link_column,
             " IS NOT NULL
+                  AND (SELECT actor FROM caller) IS NOT NULL
                 RETURNING i.id, ensure_in_time($3)
             )
             SELECT EXISTS (SELECT 1 FROM target) AS identity_found"
@@ -93,7 +105,8 @@ macro_rules! unassign_statement {
 
 /// The statements, public so that the benchmark runs exactly these in
 /// pgbench. Parameters: `$1` organization, `$2` handle, then for assign `$3`
-/// the channel id and `$4` the seconds left, for unassign `$3` the seconds left.
+/// the channel id, `$4` the seconds left and `$5` the actor, for unassign `$3`
+/// the seconds left and `$4` the actor.
 pub const ASSIGN_MAILBOX: &str = assign_statement!("mailboxes", "mailbox_id");
 pub const ASSIGN_PHONE_NUMBER: &str = assign_statement!("phone_numbers", "phone_number_id");
 pub const UNASSIGN_MAILBOX: &str = unassign_statement!("mailbox_id");
@@ -107,6 +120,7 @@ impl Store {
         handle: &AgentHandle,
         kind: ChannelKind,
         channel: ChannelId,
+        actor: &str,
         window: &WriteWindow,
     ) -> Result<IdentityRecord, ServiceError> {
         let statement = match kind {
@@ -121,6 +135,7 @@ impl Store {
                 .bind(handle.as_str())
                 .bind(channel.as_uuid())
                 .bind(window.remaining_seconds())
+                .bind(actor)
                 .fetch_one(lease.connection())
                 .await;
             let outcome = match self.settle(lease, result) {
@@ -150,6 +165,7 @@ impl Store {
         organization: &OrganizationId,
         handle: &AgentHandle,
         kind: ChannelKind,
+        actor: &str,
         window: &WriteWindow,
     ) -> Result<(), ServiceError> {
         let statement = match kind {
@@ -163,6 +179,7 @@ impl Store {
                 .bind(organization.as_str())
                 .bind(handle.as_str())
                 .bind(window.remaining_seconds())
+                .bind(actor)
                 .fetch_one(lease.connection())
                 .await;
             match self.settle(lease, result) {

@@ -47,13 +47,18 @@ impl std::fmt::Debug for E164Number {
 }
 
 /// `$1` organization, `$2` handle, `$3` display name (NULL clears it), `$4`
-/// status (NULL: active on create, unchanged on update). When nothing
+/// status (NULL: active on create, unchanged on update), `$5` the actor of
+/// the change events a deletion records (every upsert sets it for its
+/// statement, before the row is written). When nothing
 /// changes, the row is read as it is. Deleting unlinks the identity's
 /// channels (trigger `identities_unlink_when_deleted`).
 const UPSERT_IDENTITY: &str = concat!(
-    "WITH upserted AS (
+    "WITH caller AS (
+        SELECT set_config('channels.actor', $5, true) AS actor
+    ),
+    upserted AS (
         INSERT INTO identities AS i (organization_id, agent_handle, display_name, status)
-        VALUES ($1, $2, $3, coalesce($4, 'active'))
+        SELECT $1, $2, $3, coalesce($4, 'active') FROM caller
         ON CONFLICT (organization_id, agent_handle) DO UPDATE
             SET display_name = EXCLUDED.display_name, status = coalesce($4, i.status)
             WHERE (i.display_name, i.status)
@@ -75,12 +80,16 @@ const UPSERT_IDENTITY: &str = concat!(
     identity_detail_joins!()
 );
 
-/// `$1` organization, `$2` id, `$3` address, `$4` display name, `$5` status.
+/// `$1` organization, `$2` id, `$3` address, `$4` display name, `$5` status,
+/// `$6` the actor.
 /// Deleting unlinks it (trigger `mailboxes_unlink_when_deleted`).
 const UPSERT_MAILBOX: &str = "
-    WITH upserted AS (
+    WITH caller AS (
+        SELECT set_config('channels.actor', $6, true) AS actor
+    ),
+    upserted AS (
         INSERT INTO mailboxes AS m (organization_id, id, email_address, display_name, status)
-        VALUES ($1, $2, $3, $4, coalesce($5, 'active'))
+        SELECT $1, $2, $3, $4, coalesce($5, 'active') FROM caller
         ON CONFLICT (organization_id, id) DO UPDATE
             SET email_address = EXCLUDED.email_address,
                 display_name = EXCLUDED.display_name,
@@ -95,13 +104,17 @@ const UPSERT_MAILBOX: &str = "
     WHERE organization_id = $1 AND id = $2 AND NOT EXISTS (SELECT 1 FROM upserted)";
 
 /// `$1` organization, `$2` id, `$3` number, `$4` type (NULL: local on
-/// create, unchanged on update), `$5` status, `$6` incoming call action.
+/// create, unchanged on update), `$5` status, `$6` incoming call action, `$7`
+/// the actor.
 /// Releasing unlinks it (trigger `phone_numbers_unlink_when_released`).
 const UPSERT_PHONE_NUMBER: &str = "
-    WITH upserted AS (
+    WITH caller AS (
+        SELECT set_config('channels.actor', $7, true) AS actor
+    ),
+    upserted AS (
         INSERT INTO phone_numbers AS p
             (organization_id, id, number, type, status, incoming_call_action)
-        VALUES ($1, $2, $3, coalesce($4, 'local'), coalesce($5, 'active'), $6)
+        SELECT $1, $2, $3, coalesce($4, 'local'), coalesce($5, 'active'), $6 FROM caller
         ON CONFLICT (organization_id, id) DO UPDATE
             SET number = EXCLUDED.number,
                 type = coalesce($4, p.type),
@@ -142,6 +155,7 @@ impl Store {
         handle: &AgentHandle,
         display_name: Option<&str>,
         status: Option<Status>,
+        actor: &str,
         window: &WriteWindow,
     ) -> Result<IdentityRecord, ServiceError> {
         for _ in 0..MAX_ATTEMPTS {
@@ -152,6 +166,7 @@ impl Store {
                         .bind(handle.as_str())
                         .bind(display_name)
                         .bind(status.map(Status::as_str))
+                        .bind(actor)
                 })
                 .await
                 .map_err(|error| error.into_service_error(|_| None))?;
@@ -171,6 +186,7 @@ impl Store {
         &self,
         organization: &OrganizationId,
         mailbox: &MailboxUpsert,
+        actor: &str,
         window: &WriteWindow,
     ) -> Result<MailboxRecord, ServiceError> {
         for _ in 0..MAX_ATTEMPTS {
@@ -182,6 +198,7 @@ impl Store {
                         .bind(mailbox.email_address.as_str())
                         .bind(mailbox.display_name.as_deref())
                         .bind(mailbox.status.map(Status::as_str))
+                        .bind(actor)
                 })
                 .await
                 .map_err(|error| error.into_service_error(email_taken))?;
@@ -197,6 +214,7 @@ impl Store {
         &self,
         organization: &OrganizationId,
         phone_number: &PhoneNumberUpsert,
+        actor: &str,
         window: &WriteWindow,
     ) -> Result<PhoneNumberRecord, ServiceError> {
         for _ in 0..MAX_ATTEMPTS {
@@ -209,6 +227,7 @@ impl Store {
                         .bind(phone_number.number_type.map(NumberType::as_str))
                         .bind(phone_number.status.map(Status::as_str))
                         .bind(phone_number.incoming_call_action.as_deref())
+                        .bind(actor)
                 })
                 .await
                 .map_err(|error| error.into_service_error(number_taken))?;

@@ -70,10 +70,12 @@ macro_rules! identity_detail_joins {
     };
 }
 
+mod events;
 mod identities;
 mod inventory;
 mod reads;
 
+pub use events::EventRecord;
 pub use identities::{
     ASSIGN_MAILBOX, ASSIGN_PHONE_NUMBER, UNASSIGN_MAILBOX, UNASSIGN_PHONE_NUMBER,
 };

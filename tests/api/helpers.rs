@@ -612,6 +612,7 @@ pub fn assert_error(
         Code::ResourceExhausted => "429",
         Code::Unavailable => "503",
         Code::DeadlineExceeded => "504",
+        Code::FailedPrecondition => "410",
         _ => "500",
     };
     assert_eq!(

@@ -6,6 +6,7 @@ mod auth;
 mod binary;
 mod concurrency;
 mod deadlines;
+mod events;
 mod failover;
 mod faults;
 mod helpers;

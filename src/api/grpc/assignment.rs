@@ -3,7 +3,8 @@
 
 use tonic::{Request, Response, Status};
 
-use crate::domain::{ChannelKind, OrganizationId};
+use crate::auth::Caller;
+use crate::domain::ChannelKind;
 use crate::error::ServiceError;
 use crate::operations::{
     Call, Operations, RawLookup, deadline::Arrival, deadline::parse_grpc_timeout,
@@ -20,20 +21,16 @@ impl ChannelAssignmentService {
     }
 }
 
-/// The call as the operations know it: the organization the auth
-/// interceptor put on the request (its absence is a wiring bug, never the
+/// The call as the operations know it: the caller the auth interceptor put
+/// on the request (its absence is a wiring bug, never the
 /// caller's fault), the arrival the outermost layer noted, and the client's
 /// `grpc-timeout`.
 pub fn call_of<T>(request: &Request<T>) -> Result<Call, ServiceError> {
-    let organization = request
-        .extensions()
-        .get::<OrganizationId>()
-        .cloned()
-        .ok_or_else(|| {
-            ServiceError::Internal(anyhow::anyhow!(
-                "request reached the service without an organization"
-            ))
-        })?;
+    let caller = request.extensions().get::<Caller>().ok_or_else(|| {
+        ServiceError::Internal(anyhow::anyhow!(
+            "request reached the service without a caller"
+        ))
+    })?;
     let arrived = request
         .extensions()
         .get::<Arrival>()
@@ -44,7 +41,8 @@ pub fn call_of<T>(request: &Request<T>) -> Result<Call, ServiceError> {
         .and_then(|value| value.to_str().ok())
         .and_then(parse_grpc_timeout);
     Ok(Call {
-        organization,
+        organization: caller.organization.clone(),
+        actor: caller.subject.as_deref().unwrap_or_default().to_owned(),
         arrived,
         client_timeout,
     })
@@ -145,6 +143,22 @@ impl ChannelAssignment for ChannelAssignmentService {
             });
         let identity = self.operations.lookup_identity(&call, key).await?;
         Ok(Response::new(identity.into()))
+    }
+
+    async fn list_assignment_events(
+        &self,
+        request: Request<proto::ListAssignmentEventsRequest>,
+    ) -> Result<Response<proto::ListAssignmentEventsResponse>, Status> {
+        let call = call_of(&request)?;
+        let message = request.get_ref();
+        let (events, next_after_sequence) = self
+            .operations
+            .list_events(&call, message.after_sequence, message.page_size)
+            .await?;
+        Ok(Response::new(proto::ListAssignmentEventsResponse {
+            events: events.into_iter().map(Into::into).collect(),
+            next_after_sequence,
+        }))
     }
 
     async fn unassign_phone_number(

@@ -6,7 +6,7 @@ use chrono::{DateTime, Utc};
 use crate::domain::{NumberType, Status};
 use crate::error::FieldViolation;
 use crate::proto;
-use crate::store::{IdentityRecord, MailboxRecord, PhoneNumberRecord};
+use crate::store::{EventRecord, IdentityRecord, MailboxRecord, PhoneNumberRecord};
 
 pub fn timestamp(at: DateTime<Utc>) -> prost_types::Timestamp {
     prost_types::Timestamp {
@@ -144,4 +144,45 @@ pub fn phone_number_type(raw: i32) -> Result<Option<NumberType>, FieldViolation>
         field: "type",
         description: format!("type {raw} is not one of the enum's values"),
     })
+}
+
+impl From<EventRecord> for proto::AssignmentEvent {
+    fn from(record: EventRecord) -> Self {
+        use proto::{AssignmentAction as A, AssignmentCause as C, ChannelKind as K};
+        let kind = match record.kind.as_str() {
+            "mailbox" => K::Mailbox,
+            "phone_number" => K::PhoneNumber,
+            _ => K::Unspecified,
+        };
+        let action = match record.action.as_str() {
+            "assigned" => A::Assigned,
+            "unassigned" => A::Unassigned,
+            _ => A::Unspecified,
+        };
+        let cause = match record.cause.as_str() {
+            "requested" => C::Requested,
+            "channel_removed" => C::ChannelRemoved,
+            "identity_deleted" => C::IdentityDeleted,
+            _ => C::Unspecified,
+        };
+        Self {
+            sequence: record.sequence,
+            organization_id: record.organization_id,
+            identity_id: record.identity_id.to_string(),
+            agent_handle: record.agent_handle,
+            kind: kind.into(),
+            action: action.into(),
+            channel_id: record
+                .channel_id
+                .map(|id| id.to_string())
+                .unwrap_or_default(),
+            previous_channel_id: record
+                .previous_channel_id
+                .map(|id| id.to_string())
+                .unwrap_or_default(),
+            cause: cause.into(),
+            actor: record.actor,
+            occurred_at: Some(timestamp(record.occurred_at)),
+        }
+    }
 }

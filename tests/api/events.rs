@@ -1,0 +1,389 @@
+//! Change events: one per real link change, recorded with the change,
+//! numbered per organization in commit order, listed after a sequence.
+
+use std::collections::HashMap;
+
+use channel_assignment::proto::{
+    self, AssignmentAction, AssignmentCause, AssignmentEvent, ChannelKind, IdentityStatus,
+    MailboxStatus,
+};
+use futures::future::join_all;
+use sqlx::PgPool;
+use tonic::Code;
+
+use crate::helpers::*;
+
+async fn list_events(
+    app: &TestApp,
+    org: &str,
+    after_sequence: i64,
+    page_size: i32,
+) -> Result<proto::ListAssignmentEventsResponse, tonic::Status> {
+    app.client
+        .clone()
+        .list_assignment_events(authorized(
+            proto::ListAssignmentEventsRequest {
+                after_sequence,
+                page_size,
+            },
+            org,
+        ))
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+/// Every event of `org` after `after`, following `next_after_sequence`.
+async fn all_events(app: &TestApp, org: &str, mut after: i64) -> Vec<AssignmentEvent> {
+    let mut events = Vec::new();
+    loop {
+        let page = list_events(app, org, after, 7).await.unwrap();
+        if page.events.is_empty() {
+            assert_eq!(page.next_after_sequence, after);
+            return events;
+        }
+        after = page.next_after_sequence;
+        assert_eq!(after, page.events.last().unwrap().sequence);
+        events.extend(page.events);
+    }
+}
+
+fn summary(
+    event: &AssignmentEvent,
+) -> (
+    String,
+    ChannelKind,
+    AssignmentAction,
+    String,
+    String,
+    AssignmentCause,
+) {
+    (
+        event.agent_handle.clone(),
+        event.kind(),
+        event.action(),
+        event.channel_id.clone(),
+        event.previous_channel_id.clone(),
+        event.cause(),
+    )
+}
+
+#[sqlx::test]
+async fn every_real_change_is_one_event_and_no_op_none(pool: PgPool) {
+    let app = spawn_app(&pool).await;
+    insert_identity(&pool, ORG, "sales-agent").await;
+    let first = insert_mailbox(&pool, ORG).await.to_string();
+    let second = insert_mailbox(&pool, ORG).await.to_string();
+    let number = insert_phone_number(&pool, ORG).await.to_string();
+    let token = sign_hs256(
+        &serde_json::json!({ "org_id": ORG, "exp": now() + 3600, "sub": "user-42" }),
+        SECRET,
+    );
+    let assign = |mailbox: &str| {
+        let mut client = app.client.clone();
+        let request = with_bearer(
+            proto::AssignMailboxRequest {
+                agent_handle: "sales-agent".into(),
+                mailbox_id: mailbox.to_owned(),
+            },
+            &token,
+        );
+        async move { client.assign_mailbox(request).await }
+    };
+
+    assign(&first).await.unwrap();
+    assign(&first).await.unwrap(); // idempotent: nothing
+    assign(&second).await.unwrap(); // replaces: one event
+    app.assign_phone_number(ORG, "sales-agent", &number)
+        .await
+        .unwrap();
+    app.unassign_mailbox(ORG, "sales-agent").await.unwrap();
+    app.unassign_mailbox(ORG, "sales-agent").await.unwrap(); // nothing linked: nothing
+
+    let events = all_events(&app, ORG, 0).await;
+    let handle = "sales-agent".to_owned();
+    assert_eq!(
+        events.iter().map(summary).collect::<Vec<_>>(),
+        vec![
+            (
+                handle.clone(),
+                ChannelKind::Mailbox,
+                AssignmentAction::Assigned,
+                first.clone(),
+                String::new(),
+                AssignmentCause::Requested
+            ),
+            (
+                handle.clone(),
+                ChannelKind::Mailbox,
+                AssignmentAction::Assigned,
+                second.clone(),
+                first.clone(),
+                AssignmentCause::Requested
+            ),
+            (
+                handle.clone(),
+                ChannelKind::PhoneNumber,
+                AssignmentAction::Assigned,
+                number.clone(),
+                String::new(),
+                AssignmentCause::Requested
+            ),
+            (
+                handle.clone(),
+                ChannelKind::Mailbox,
+                AssignmentAction::Unassigned,
+                String::new(),
+                second.clone(),
+                AssignmentCause::Requested
+            ),
+        ]
+    );
+    assert_eq!(events[0].actor, "user-42");
+    assert_eq!(events[1].actor, "user-42");
+    assert_eq!(events[2].actor, "", "a token without sub: no actor");
+    assert!(
+        events
+            .iter()
+            .all(|e| e.organization_id == ORG && e.occurred_at.is_some())
+    );
+    assert!(
+        events
+            .windows(2)
+            .all(|pair| pair[0].sequence < pair[1].sequence)
+    );
+    // Resuming after any position gives exactly the rest.
+    for (i, event) in events.iter().enumerate() {
+        let rest = all_events(&app, ORG, event.sequence).await;
+        assert_eq!(rest, events[i + 1..].to_vec());
+    }
+}
+
+#[sqlx::test]
+async fn removals_record_their_cause_and_a_deleted_identity_its_mailbox_first(pool: PgPool) {
+    let app = spawn_app(&pool).await;
+    insert_identity(&pool, ORG, "sales-agent").await;
+    insert_identity(&pool, ORG, "support-agent").await;
+    let mailbox = insert_mailbox(&pool, ORG).await;
+    let number = insert_phone_number(&pool, ORG).await.to_string();
+    let other_mailbox = insert_mailbox(&pool, ORG).await.to_string();
+    app.assign_mailbox(ORG, "sales-agent", &mailbox.to_string())
+        .await
+        .unwrap();
+    app.assign_mailbox(ORG, "support-agent", &other_mailbox)
+        .await
+        .unwrap();
+    app.assign_phone_number(ORG, "support-agent", &number)
+        .await
+        .unwrap();
+    let before = all_events(&app, ORG, 0).await.last().unwrap().sequence;
+
+    let address: String = sqlx::query_scalar("SELECT email_address FROM mailboxes WHERE id = $1")
+        .bind(mailbox)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    app.upsert_mailbox(
+        ORG,
+        proto::UpsertMailboxRequest {
+            mailbox_id: mailbox.to_string(),
+            email_address: address,
+            display_name: "Inbox".into(),
+            status: MailboxStatus::Deleted.into(),
+        },
+    )
+    .await
+    .unwrap();
+    app.upsert_identity(
+        ORG,
+        proto::UpsertIdentityRequest {
+            agent_handle: "support-agent".into(),
+            display_name: "Test support-agent".into(),
+            status: IdentityStatus::Deleted.into(),
+        },
+    )
+    .await
+    .unwrap();
+
+    let events = all_events(&app, ORG, before).await;
+    assert_eq!(
+        events.iter().map(summary).collect::<Vec<_>>(),
+        vec![
+            (
+                "sales-agent".into(),
+                ChannelKind::Mailbox,
+                AssignmentAction::Unassigned,
+                String::new(),
+                mailbox.to_string(),
+                AssignmentCause::ChannelRemoved
+            ),
+            (
+                "support-agent".into(),
+                ChannelKind::Mailbox,
+                AssignmentAction::Unassigned,
+                String::new(),
+                other_mailbox,
+                AssignmentCause::IdentityDeleted
+            ),
+            (
+                "support-agent".into(),
+                ChannelKind::PhoneNumber,
+                AssignmentAction::Unassigned,
+                String::new(),
+                number,
+                AssignmentCause::IdentityDeleted
+            ),
+        ]
+    );
+}
+
+/// Concurrent writers on overlapping identities while a reader polls from
+/// its last position: the reader gets exactly the table's events, once each,
+/// in sequence order, and replaying them gives the links in the database.
+#[sqlx::test]
+async fn a_polling_reader_sees_every_event_once_in_order_under_concurrent_writers(pool: PgPool) {
+    let app = spawn_app(&pool).await;
+    let handles: Vec<String> = (0..4).map(|i| format!("agent-{i}")).collect();
+    for handle in &handles {
+        insert_identity(&pool, ORG, handle).await;
+    }
+    let mut mailboxes = Vec::new();
+    for _ in 0..6 {
+        mailboxes.push(insert_mailbox(&pool, ORG).await.to_string());
+    }
+    insert_identity(&pool, OTHER_ORG, "theirs").await;
+    let theirs = insert_mailbox(&pool, OTHER_ORG).await.to_string();
+
+    let writers = join_all((0..8).map(|writer| {
+        let app = &app;
+        let handles = &handles;
+        let mailboxes = &mailboxes;
+        let theirs = &theirs;
+        async move {
+            for round in 0..30 {
+                let handle = &handles[(writer + round) % handles.len()];
+                let result = match (writer * 7 + round * 3) % 4 {
+                    0 => app.unassign_mailbox(ORG, handle).await.map(drop),
+                    _ => app
+                        .assign_mailbox(
+                            ORG,
+                            handle,
+                            &mailboxes[(writer * 5 + round) % mailboxes.len()],
+                        )
+                        .await
+                        .map(drop),
+                };
+                if let Err(status) = result {
+                    assert!(matches!(status.code(), Code::AlreadyExists), "{status:?}");
+                }
+                if round % 5 == 0 {
+                    let _ = app.assign_mailbox(OTHER_ORG, "theirs", theirs).await;
+                    let _ = app.unassign_mailbox(OTHER_ORG, "theirs").await;
+                }
+            }
+        }
+    }));
+    let reader = async {
+        let mut seen = Vec::new();
+        let mut after = 0;
+        for _ in 0..400 {
+            let page = list_events(&app, ORG, after, 5).await.unwrap();
+            after = page.next_after_sequence;
+            seen.extend(page.events);
+            tokio::task::yield_now().await;
+        }
+        (seen, after)
+    };
+    let (_, (mut seen, after)) = tokio::join!(writers, reader);
+    seen.extend(all_events(&app, ORG, after).await);
+
+    let table: Vec<i64> = sqlx::query_scalar(
+        "SELECT sequence FROM assignment_events WHERE organization_id = $1 ORDER BY sequence",
+    )
+    .bind(ORG)
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(seen.iter().map(|e| e.sequence).collect::<Vec<_>>(), table);
+    assert!(seen.iter().all(|e| e.organization_id == ORG));
+
+    // Replaying each identity's events ends where the database is.
+    let mut replayed: HashMap<String, String> = HashMap::new();
+    for event in &seen {
+        let previous = replayed
+            .get(&event.agent_handle)
+            .cloned()
+            .unwrap_or_default();
+        assert_eq!(event.previous_channel_id, previous, "{event:?}");
+        replayed.insert(event.agent_handle.clone(), event.channel_id.clone());
+    }
+    for handle in &handles {
+        let linked = Kind::Mailbox
+            .linked_to(&pool, ORG, handle)
+            .await
+            .map(|id| id.to_string())
+            .unwrap_or_default();
+        assert_eq!(
+            replayed.get(handle).cloned().unwrap_or_default(),
+            linked,
+            "{handle}"
+        );
+    }
+    println!("{} events, read while being written", seen.len());
+}
+
+#[sqlx::test]
+async fn resuming_before_removed_events_is_events_expired(pool: PgPool) {
+    let app = spawn_app(&pool).await;
+    insert_identity(&pool, ORG, "sales-agent").await;
+    for _ in 0..5 {
+        let mailbox = insert_mailbox(&pool, ORG).await.to_string();
+        app.assign_mailbox(ORG, "sales-agent", &mailbox)
+            .await
+            .unwrap();
+    }
+    let events = all_events(&app, ORG, 0).await;
+    let third = events[2].sequence;
+    // As retention does: a prefix removed, and the mark moved with it.
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "BEGIN;
+         DELETE FROM assignment_events WHERE organization_id = '{ORG}' AND sequence <= {third};
+         UPDATE event_sequences SET removed_through = {third} WHERE organization_id = '{ORG}';
+         COMMIT;"
+    )))
+    .execute(&pool)
+    .await
+    .unwrap();
+
+    for after in [events[0].sequence, events[1].sequence] {
+        // assert_error checks http_status 410 too.
+        assert_error(
+            list_events(&app, ORG, after, 0).await,
+            Code::FailedPrecondition,
+            "EVENTS_EXPIRED",
+        );
+    }
+    // Up to date, or from the oldest kept: no error.
+    assert_eq!(all_events(&app, ORG, third).await, events[3..].to_vec());
+    assert_eq!(all_events(&app, ORG, 0).await, events[3..].to_vec());
+    let last = events.last().unwrap().sequence;
+    assert!(all_events(&app, ORG, last).await.is_empty());
+
+    let status = assert_error(
+        list_events(&app, ORG, -1, 0).await,
+        Code::InvalidArgument,
+        "INVALID_ARGUMENT",
+    );
+    assert_eq!(field_violations(&status), ["after_sequence"]);
+}
+
+#[sqlx::test]
+async fn events_are_the_callers_organizations_only(pool: PgPool) {
+    let app = spawn_app(&pool).await;
+    insert_identity(&pool, OTHER_ORG, "theirs").await;
+    let mailbox = insert_mailbox(&pool, OTHER_ORG).await.to_string();
+    app.assign_mailbox(OTHER_ORG, "theirs", &mailbox)
+        .await
+        .unwrap();
+    assert!(all_events(&app, ORG, 0).await.is_empty());
+    assert_eq!(all_events(&app, OTHER_ORG, 0).await.len(), 1);
+}
