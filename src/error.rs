@@ -84,6 +84,9 @@ pub enum ServiceError {
     Transport(Code, String),
     #[error("the database is unavailable")]
     Unavailable(#[source] sqlx::Error),
+    /// The server is shutting down: a watch ends, to be resumed elsewhere.
+    #[error("the server is draining")]
+    Draining,
     #[error("internal error")]
     Internal(#[source] anyhow::Error),
 }
@@ -133,7 +136,7 @@ impl ServiceError {
             | Self::OrganizationOverloaded
             | Self::ServerBusy
             | Self::TooManyWatchStreams => "RESOURCE_EXHAUSTED",
-            Self::Unavailable(_) => "UNAVAILABLE",
+            Self::Unavailable(_) | Self::Draining => "UNAVAILABLE",
             Self::Internal(_) => "INTERNAL",
             Self::RequestAbandoned => "CANCELLED",
             Self::MessageTooLarge(_) => "MESSAGE_TOO_LARGE",
@@ -163,7 +166,7 @@ impl ServiceError {
             | Self::OrganizationOverloaded
             | Self::ServerBusy
             | Self::TooManyWatchStreams => (Code::ResourceExhausted, 429),
-            Self::Unavailable(_) => (Code::Unavailable, 503),
+            Self::Unavailable(_) | Self::Draining => (Code::Unavailable, 503),
             Self::Internal(_) => (Code::Internal, 500),
             // As google.rpc.Code documents the HTTP equivalents.
             Self::RequestAbandoned => (Code::Cancelled, 499),
@@ -227,6 +230,9 @@ impl ServiceError {
                 "the service is temporarily unavailable, retry later".to_owned()
             }
             Self::Internal(_) => "internal error".to_owned(),
+            Self::Draining => {
+                "the server is shutting down: resume from the last sequence received".to_owned()
+            }
             Self::RequestAbandoned => "the request ended before its message arrived".to_owned(),
             Self::MessageTooLarge(limit) => {
                 format!("the request message is larger than {} KiB", limit / 1024)

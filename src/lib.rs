@@ -17,6 +17,7 @@ pub mod config;
 pub mod dev;
 pub mod domain;
 pub mod error;
+pub mod events;
 pub mod metrics;
 pub mod operations;
 pub mod startup;

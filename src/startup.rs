@@ -22,6 +22,7 @@ use crate::api::grpc::{MAX_MESSAGE_SIZE, MAX_RESPONSE_SIZE};
 use crate::auth::{Authenticator, INVENTORY_SCOPE};
 use crate::config::ServeSettings;
 use crate::error::ServiceError;
+use crate::events::hub::EventHub;
 use crate::metrics::Metrics;
 use crate::operations::Operations;
 use crate::operations::admission::Admission;
@@ -151,11 +152,16 @@ impl Application {
             settings.max_concurrent_requests_per_organization,
             Arc::clone(&metrics),
         );
+        let (drain_started, drain_started_rx) = watch::channel(false);
+        let (events, events_listener) = EventHub::start(store.database().connect_options());
+        let events_listener = AbortOnDropHandle::new(events_listener);
         let operations = Operations::new(
             store.clone(),
             admission,
             settings.request_timeout,
             PageTokens::new(page_token_key(&settings)),
+            events,
+            drain_started_rx.clone(),
         );
         let observe = ObserveRpcLayer::new(Arc::clone(&metrics));
         let assignment =
@@ -206,7 +212,7 @@ impl Application {
         );
         let health_service =
             LimitWatchStreams::new(health_service, settings.max_watch_streams_per_connection);
-        let (drain_started, mut drain_started_rx) = watch::channel(false);
+        let mut drain_started_rx = drain_started_rx;
         let reporter = health_reporter.clone();
         let shutdown_delay = settings.shutdown_delay;
         let signal = async move {
@@ -262,6 +268,7 @@ impl Application {
             let _ = metrics_task.await;
         }
         trimmer.abort();
+        events_listener.abort();
         store.database().close().await;
         tracing::info!("stopped");
         Ok(())

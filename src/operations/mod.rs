@@ -7,6 +7,7 @@
 pub mod admission;
 pub mod deadline;
 pub mod page;
+pub mod watch;
 
 use std::{future::Future, time::Duration};
 
@@ -18,6 +19,7 @@ use crate::domain::{
     OrganizationId, Status,
 };
 use crate::error::{FieldViolation, ServiceError};
+use crate::events::hub::EventHub;
 use crate::store::{
     EventRecord, IdentityRecord, ListCursor, MailboxRecord, MailboxUpsert, Page, PhoneNumberRecord,
     PhoneNumberUpsert, Store,
@@ -61,6 +63,9 @@ pub struct Operations {
     admission: Admission,
     request_timeout: Duration,
     page_tokens: PageTokens,
+    events: EventHub,
+    /// Turns true when the server starts draining: watchers end then.
+    stopping: tokio::sync::watch::Receiver<bool>,
 }
 
 impl Operations {
@@ -69,12 +74,16 @@ impl Operations {
         admission: Admission,
         request_timeout: Duration,
         page_tokens: PageTokens,
+        events: EventHub,
+        stopping: tokio::sync::watch::Receiver<bool>,
     ) -> Self {
         Self {
             store,
             admission,
             request_timeout,
             page_tokens,
+            events,
+            stopping,
         }
     }
 

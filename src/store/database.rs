@@ -78,6 +78,12 @@ impl Database {
         Ok(Self { pool })
     }
 
+    /// What the pool connects with: for a connection of its own elsewhere
+    /// (the events listener).
+    pub fn connect_options(&self) -> PgConnectOptions {
+        self.pool.manager().options.clone()
+    }
+
     /// A connection, without a round trip unless one must be opened.
     pub async fn connection(&self) -> Result<Lease, sqlx::Error> {
         let pooled = self.pool.get().await.map_err(|error| match error {

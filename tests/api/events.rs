@@ -387,3 +387,185 @@ async fn events_are_the_callers_organizations_only(pool: PgPool) {
     assert!(all_events(&app, ORG, 0).await.is_empty());
     assert_eq!(all_events(&app, OTHER_ORG, 0).await.len(), 1);
 }
+
+async fn watch(
+    app: &TestApp,
+    org: &str,
+    after_sequence: i64,
+) -> Result<tonic::Streaming<AssignmentEvent>, tonic::Status> {
+    app.client
+        .clone()
+        .watch_assignment_events(authorized(
+            proto::WatchAssignmentEventsRequest { after_sequence },
+            org,
+        ))
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+async fn next_event(stream: &mut tonic::Streaming<AssignmentEvent>) -> AssignmentEvent {
+    tokio::time::timeout(std::time::Duration::from_secs(5), stream.message())
+        .await
+        .expect("an event within seconds of its commit")
+        .expect("the stream goes on")
+        .expect("an event, not the end")
+}
+
+#[sqlx::test]
+async fn a_watch_sends_the_backlog_then_each_new_event_as_it_commits(pool: PgPool) {
+    let app = spawn_app(&pool).await;
+    insert_identity(&pool, ORG, "sales-agent").await;
+    let mut mailboxes = Vec::new();
+    for _ in 0..3 {
+        mailboxes.push(insert_mailbox(&pool, ORG).await.to_string());
+    }
+    app.assign_mailbox(ORG, "sales-agent", &mailboxes[0])
+        .await
+        .unwrap();
+    app.assign_mailbox(ORG, "sales-agent", &mailboxes[1])
+        .await
+        .unwrap();
+    let stored = all_events(&app, ORG, 0).await;
+
+    let mut from_start = watch(&app, ORG, 0).await.unwrap();
+    let mut from_first = watch(&app, ORG, stored[0].sequence).await.unwrap();
+    assert_eq!(next_event(&mut from_start).await, stored[0]);
+    assert_eq!(next_event(&mut from_start).await, stored[1]);
+    assert_eq!(next_event(&mut from_first).await, stored[1]);
+
+    for mailbox in &mailboxes[2..] {
+        let committed = std::time::Instant::now();
+        app.assign_mailbox(ORG, "sales-agent", mailbox)
+            .await
+            .unwrap();
+        let live = next_event(&mut from_start).await;
+        println!("live event after {:?}", committed.elapsed());
+        assert_eq!(live.channel_id, *mailbox);
+        assert_eq!(next_event(&mut from_first).await, live);
+    }
+    // Another organization's changes reach neither.
+    insert_identity(&pool, OTHER_ORG, "theirs").await;
+    let theirs = insert_mailbox(&pool, OTHER_ORG).await.to_string();
+    app.assign_mailbox(OTHER_ORG, "theirs", &theirs)
+        .await
+        .unwrap();
+    app.unassign_mailbox(ORG, "sales-agent").await.unwrap();
+    let next = next_event(&mut from_start).await;
+    assert_eq!(
+        (next.organization_id.as_str(), next.action()),
+        (ORG, AssignmentAction::Unassigned)
+    );
+}
+
+#[sqlx::test]
+async fn watchers_see_exactly_the_events_in_order_under_concurrent_writers(pool: PgPool) {
+    let app = spawn_app(&pool).await;
+    let handles: Vec<String> = (0..4).map(|i| format!("agent-{i}")).collect();
+    for handle in &handles {
+        insert_identity(&pool, ORG, handle).await;
+    }
+    let mut mailboxes = Vec::new();
+    for _ in 0..6 {
+        mailboxes.push(insert_mailbox(&pool, ORG).await.to_string());
+    }
+    let mut watcher = watch(&app, ORG, 0).await.unwrap();
+    join_all((0..8).map(|writer| {
+        let app = &app;
+        let handles = &handles;
+        let mailboxes = &mailboxes;
+        async move {
+            for round in 0..25 {
+                let handle = &handles[(writer + round) % handles.len()];
+                let _ = if round % 4 == 0 {
+                    app.unassign_mailbox(ORG, handle).await.map(drop)
+                } else {
+                    app.assign_mailbox(
+                        ORG,
+                        handle,
+                        &mailboxes[(writer * 5 + round) % mailboxes.len()],
+                    )
+                    .await
+                    .map(drop)
+                };
+            }
+        }
+    }))
+    .await;
+    let table: Vec<i64> = sqlx::query_scalar(
+        "SELECT sequence FROM assignment_events WHERE organization_id = $1 ORDER BY sequence",
+    )
+    .bind(ORG)
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    let mut watched = Vec::new();
+    while watched.len() < table.len() {
+        watched.push(next_event(&mut watcher).await.sequence);
+    }
+    assert_eq!(watched, table);
+    println!("{} events watched while written", watched.len());
+}
+
+#[sqlx::test]
+async fn a_drain_ends_watches_with_unavailable_and_watchers_share_one_connection(pool: PgPool) {
+    let mut app = spawn_app(&pool).await;
+    let mut watchers = Vec::new();
+    for _ in 0..50 {
+        watchers.push(watch(&app, ORG, 0).await.unwrap());
+    }
+    // Fifty idle watchers hold no pooled connection: the service's sessions
+    // are the pool's (at most 10) and the one listener.
+    let sessions: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_stat_activity
+         WHERE datname = current_database() AND application_name = 'channel-assignment'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert!(sessions <= 11, "{sessions} sessions for 50 watchers");
+
+    app.begin_shutdown();
+    for mut watcher in watchers {
+        let ended = tokio::time::timeout(std::time::Duration::from_secs(10), watcher.message())
+            .await
+            .expect("the drain ends the watch");
+        let status = ended.expect_err("ended with a status");
+        assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    }
+}
+
+#[sqlx::test]
+async fn a_watch_from_an_invalid_or_expired_position_is_refused(pool: PgPool) {
+    let app = spawn_app(&pool).await;
+    insert_identity(&pool, ORG, "sales-agent").await;
+    for _ in 0..3 {
+        let mailbox = insert_mailbox(&pool, ORG).await.to_string();
+        app.assign_mailbox(ORG, "sales-agent", &mailbox)
+            .await
+            .unwrap();
+    }
+    let events = all_events(&app, ORG, 0).await;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "BEGIN;
+         DELETE FROM assignment_events WHERE organization_id = '{ORG}' AND sequence <= {};
+         UPDATE event_sequences SET removed_through = {} WHERE organization_id = '{ORG}';
+         COMMIT;",
+        events[1].sequence, events[1].sequence
+    )))
+    .execute(&pool)
+    .await
+    .unwrap();
+    assert_error(
+        watch(&app, ORG, events[0].sequence).await,
+        Code::FailedPrecondition,
+        "EVENTS_EXPIRED",
+    );
+    let status = assert_error(
+        watch(&app, ORG, -5).await,
+        Code::InvalidArgument,
+        "INVALID_ARGUMENT",
+    );
+    assert_eq!(field_violations(&status), ["after_sequence"]);
+    let mut from_oldest = watch(&app, ORG, 0).await.unwrap();
+    assert_eq!(next_event(&mut from_oldest).await, events[2]);
+}

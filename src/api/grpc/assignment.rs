@@ -1,6 +1,7 @@
 //! The `ChannelAssignment` RPCs over gRPC: the caller and its deadline from
 //! the request, the operation from `operations`, the answer as protobuf.
 
+use tokio::sync::mpsc;
 use tonic::{Request, Response, Status};
 
 use crate::auth::Caller;
@@ -10,6 +11,7 @@ use crate::operations::{
     Call, Operations, RawLookup, deadline::Arrival, deadline::parse_grpc_timeout,
 };
 use crate::proto::{self, channel_assignment_server::ChannelAssignment};
+use crate::store::EventRecord;
 
 pub struct ChannelAssignmentService {
     operations: Operations,
@@ -48,8 +50,43 @@ pub fn call_of<T>(request: &Request<T>) -> Result<Call, ServiceError> {
     })
 }
 
+/// The watch's events as the client receives them.
+pub struct EventStream {
+    events: mpsc::Receiver<Result<EventRecord, ServiceError>>,
+}
+
+impl futures_core::Stream for EventStream {
+    type Item = Result<proto::AssignmentEvent, Status>;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        self.events
+            .poll_recv(cx)
+            .map(|next| next.map(|event| event.map(Into::into).map_err(Status::from)))
+    }
+}
+
+/// Events queued for a slow client before the watcher waits for it.
+const WATCH_BUFFER: usize = 64;
+
 #[tonic::async_trait]
 impl ChannelAssignment for ChannelAssignmentService {
+    type WatchAssignmentEventsStream = EventStream;
+
+    async fn watch_assignment_events(
+        &self,
+        request: Request<proto::WatchAssignmentEventsRequest>,
+    ) -> Result<Response<Self::WatchAssignmentEventsStream>, Status> {
+        let call = call_of(&request)?;
+        let (sink, events) = mpsc::channel(WATCH_BUFFER);
+        self.operations
+            .watch_events(&call, request.get_ref().after_sequence, sink)
+            .await?;
+        Ok(Response::new(EventStream { events }))
+    }
+
     async fn assign_mailbox(
         &self,
         request: Request<proto::AssignMailboxRequest>,
