@@ -102,6 +102,12 @@ pub struct ServeSettings {
     #[arg(long, env = "PAGE_TOKEN_SECRET", hide_env_values = true)]
     pub page_token_secret: Option<String>,
 
+    /// How long change events are kept (e.g. 90s, 30m, 12h, 7d); older ones
+    /// are removed at least once a minute, and resuming before them is
+    /// EVENTS_EXPIRED.
+    #[arg(long, env = "EVENTS_RETENTION", default_value = "7d", value_parser = humantime::parse_duration)]
+    pub events_retention: Duration,
+
     /// Most HTTP/2 streams (RPCs in progress) one connection may have open;
     /// one more is refused with REFUSED_STREAM, which clients retry.
     #[arg(long, env = "GRPC_MAX_CONCURRENT_STREAMS", default_value_t = 200)]
@@ -250,6 +256,7 @@ impl ServeSettings {
             max_concurrent_requests: 256,
             max_concurrent_requests_per_organization: 64,
             page_token_secret: None,
+            events_retention: Duration::from_secs(7 * 24 * 3600),
             max_concurrent_streams: 200,
             max_streams_in_progress: 2048,
             max_connections: 1000,

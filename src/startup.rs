@@ -143,6 +143,10 @@ impl Application {
         )));
 
         let trimmer = AbortOnDropHandle::new(tokio::spawn(give_back_freed_memory()));
+        let pruner = AbortOnDropHandle::new(tokio::spawn(prune_events(
+            store.clone(),
+            settings.events_retention,
+        )));
 
         let reflection_v1 = reflection_builder().build_v1()?;
         let reflection_v1alpha = reflection_builder().build_v1alpha()?;
@@ -268,6 +272,7 @@ impl Application {
             let _ = metrics_task.await;
         }
         trimmer.abort();
+        pruner.abort();
         events_listener.abort();
         store.database().close().await;
         tracing::info!("stopped");
@@ -316,6 +321,25 @@ fn page_token_key(settings: &ServeSettings) -> Vec<u8> {
          good on this replica only until it restarts"
     );
     uuid::Uuid::new_v4().as_bytes().to_vec()
+}
+
+/// How often events older than the retention are removed (the contract asks
+/// for at least once a minute).
+const PRUNE_INTERVAL: Duration = Duration::from_secs(30);
+
+/// Removes change events older than `retention`, in the background; a
+/// failure (the database away) is tried again at the next round.
+async fn prune_events(store: Store, retention: Duration) {
+    let mut ticks = tokio::time::interval(PRUNE_INTERVAL);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        match store.prune_events(retention).await {
+            Ok(0) => {}
+            Ok(removed) => tracing::info!(removed, "removed change events past their retention"),
+            Err(error) => tracing::warn!(%error, "could not remove old change events"),
+        }
+    }
 }
 
 /// How often memory freed by the allocator is handed back to the system.

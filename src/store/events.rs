@@ -82,7 +82,75 @@ impl EventRow {
     }
 }
 
+/// Removes events older than `$1` seconds, as whole prefixes of each
+/// organization's sequence (an event is kept while an older-numbered one
+/// is; so no hole can open), at most `$2` per organization per call, and
+/// moves the organization's "removed through" mark in the same statement.
+/// The events' `occurred_at` index finds the organizations with old events.
+const PRUNE_EVENTS: &str = "
+    WITH cutoff AS (
+        SELECT now() - make_interval(secs => $1) AS at
+    ),
+    stale AS (
+        SELECT DISTINCT organization_id FROM assignment_events
+        WHERE occurred_at < (SELECT at FROM cutoff)
+    ),
+    bounds AS (
+        SELECT s.organization_id,
+               least(
+                   coalesce(
+                       (SELECT min(e.sequence) FROM assignment_events AS e
+                        WHERE e.organization_id = s.organization_id
+                          AND e.occurred_at >= (SELECT at FROM cutoff)) - 1,
+                       (SELECT max(e.sequence) FROM assignment_events AS e
+                        WHERE e.organization_id = s.organization_id)),
+                   (SELECT min(e.sequence) FROM assignment_events AS e
+                    WHERE e.organization_id = s.organization_id) + $2 - 1
+               ) AS through
+        FROM stale AS s
+    ),
+    removed AS (
+        DELETE FROM assignment_events AS e USING bounds AS b
+        WHERE e.organization_id = b.organization_id AND e.sequence <= b.through
+        RETURNING 1
+    ),
+    marked AS (
+        UPDATE event_sequences AS counter
+        SET removed_through = greatest(counter.removed_through, b.through)
+        FROM bounds AS b
+        WHERE counter.organization_id = b.organization_id AND b.through > counter.removed_through
+        RETURNING 1
+    )
+    SELECT count(*) FROM removed";
+
+/// Events removed per organization by one statement: keeps each one short.
+const PRUNE_BATCH: i64 = 10_000;
+
 impl Store {
+    /// Removes events older than `retention`, a batch at a time, and returns
+    /// how many were removed.
+    #[tracing::instrument(name = "store.prune_events", skip_all)]
+    pub async fn prune_events(&self, retention: std::time::Duration) -> Result<u64, ServiceError> {
+        let mut removed_in_all = 0;
+        loop {
+            let removed = self
+                .fetch_rows(None, || {
+                    sqlx::query_as::<_, (i64,)>(PRUNE_EVENTS)
+                        .bind(retention.as_secs_f64())
+                        .bind(PRUNE_BATCH)
+                })
+                .await
+                .map_err(|error| error.into_service_error(|_| None))?
+                .into_iter()
+                .next()
+                .map_or(0, |(removed,)| removed);
+            removed_in_all += u64::try_from(removed).unwrap_or(0);
+            if removed < PRUNE_BATCH {
+                return Ok(removed_in_all);
+            }
+        }
+    }
+
     /// Up to `size` events of the organization after `after`, oldest first;
     /// `EventsExpired` when retention removed one the reader has not seen.
     #[tracing::instrument(name = "store.list_events", skip_all)]

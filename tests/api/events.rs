@@ -569,3 +569,84 @@ async fn a_watch_from_an_invalid_or_expired_position_is_refused(pool: PgPool) {
     let mut from_oldest = watch(&app, ORG, 0).await.unwrap();
     assert_eq!(next_event(&mut from_oldest).await, events[2]);
 }
+
+/// Retention removes whole prefixes of each organization's events, moves the
+/// mark, and so makes resuming before them EVENTS_EXPIRED, never a gap; a
+/// reader that is up to date is never refused.
+#[sqlx::test]
+async fn retention_removes_old_prefixes_and_resuming_before_them_is_expired(pool: PgPool) {
+    let app = spawn_app(&pool).await;
+    insert_identity(&pool, ORG, "sales-agent").await;
+    insert_identity(&pool, OTHER_ORG, "theirs").await;
+    for org in [ORG, OTHER_ORG] {
+        let handle = if org == ORG { "sales-agent" } else { "theirs" };
+        for _ in 0..6 {
+            let mailbox = insert_mailbox(&pool, org).await.to_string();
+            app.assign_mailbox(org, handle, &mailbox).await.unwrap();
+        }
+    }
+    let ours = all_events(&app, ORG, 0).await;
+    let theirs = all_events(&app, OTHER_ORG, 0).await;
+    // Our first three events are two hours old, and so is our fifth: a
+    // later-numbered event can be older (its transaction began earlier).
+    for sequence in [
+        ours[0].sequence,
+        ours[1].sequence,
+        ours[2].sequence,
+        ours[4].sequence,
+    ] {
+        sqlx::query(
+            "UPDATE assignment_events SET occurred_at = now() - interval '2 hours'
+             WHERE organization_id = $1 AND sequence = $2",
+        )
+        .bind(ORG)
+        .bind(sequence)
+        .execute(&pool)
+        .await
+        .unwrap();
+    }
+    let ours = all_events(&app, ORG, 0).await;
+
+    let store = channel_assignment::store::Store::new(
+        database_for(
+            &pool,
+            &test_settings(channel_assignment::config::AuthSettings::hs256(SECRET)),
+        ),
+        channel_assignment::metrics::Metrics::new(1),
+    );
+    let removed = store
+        .prune_events(std::time::Duration::from_secs(3600))
+        .await
+        .unwrap();
+    // The prefix 1-3 only: the fifth stays while the fourth (recent) does.
+    assert_eq!(removed, 3);
+    assert_eq!(all_events(&app, ORG, 0).await, ours[3..].to_vec());
+    assert_eq!(
+        all_events(&app, OTHER_ORG, 0).await,
+        theirs,
+        "another organization's kept"
+    );
+    for after in [ours[0].sequence, ours[1].sequence] {
+        assert_error(
+            list_events(&app, ORG, after, 0).await,
+            Code::FailedPrecondition,
+            "EVENTS_EXPIRED",
+        );
+    }
+    assert_eq!(
+        all_events(&app, ORG, ours[2].sequence).await,
+        ours[3..].to_vec()
+    );
+    let last = ours.last().unwrap().sequence;
+    assert!(
+        all_events(&app, ORG, last).await.is_empty(),
+        "up to date: never expired"
+    );
+    assert_eq!(
+        store
+            .prune_events(std::time::Duration::from_secs(3600))
+            .await
+            .unwrap(),
+        0
+    );
+}
