@@ -124,11 +124,12 @@ async fn the_second_migration_keeps_old_data_and_the_service_serves_it(pool: PgP
     insert_old_data(&pool).await;
     let before = snapshot(&pool).await;
 
+    // The second migration, and every later one, on top of the old data.
     MIGRATOR
         .run(&pool)
         .await
         .expect("the second migration applies to old data");
-    assert_eq!(versions(&pool).await, [FIRST, SECOND]);
+    assert_eq!(versions(&pool).await[..2], [FIRST, SECOND]);
     assert_eq!(snapshot(&pool).await, before, "every row as it was");
     let rows: (i64, i64, i64) = sqlx::query_as(
         "SELECT (SELECT count(*) FROM identities), (SELECT count(*) FROM mailboxes),
@@ -438,7 +439,10 @@ async fn live_addresses_that_differ_only_by_case_stop_the_migration_and_nothing_
         .execute(&pool)
         .await
         .unwrap();
-    MIGRATOR.run(&pool).await.expect("applies once resolved");
+    MIGRATOR
+        .run_to(SECOND, &pool)
+        .await
+        .expect("applies once resolved");
     assert_eq!(versions(&pool).await, [FIRST, SECOND]);
 }
 
@@ -513,7 +517,10 @@ async fn a_mailbox_held_by_an_identity_deleted_before_the_migration_is_free_afte
     .await
     .unwrap();
     set_identity_status(&pool, ORG, "gone-agent", "deleted").await;
-    MIGRATOR.run(&pool).await.expect("the migration applies");
+    MIGRATOR
+        .run_to(SECOND, &pool)
+        .await
+        .expect("the migration applies");
     let app = spawn_app(&pool).await;
     let mut problems = Vec::new();
 
@@ -605,7 +612,10 @@ async fn a_channel_removed_before_the_migration_is_not_in_its_identity_detail(po
     .execute(&pool)
     .await
     .unwrap();
-    MIGRATOR.run(&pool).await.expect("the migration applies");
+    MIGRATOR
+        .run_to(SECOND, &pool)
+        .await
+        .expect("the migration applies");
     let app = spawn_app(&pool).await;
     let mut problems = Vec::new();
 
