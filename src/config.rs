@@ -108,6 +108,12 @@ pub struct ServeSettings {
     #[arg(long, env = "EVENTS_RETENTION", default_value = "7d", value_parser = humantime::parse_duration)]
     pub events_retention: Duration,
 
+    /// NATS server (e.g. nats://nats:4222) to publish change events to, on
+    /// JetStream (stream CHANNELS_ASSIGNMENT_EVENTS, created when missing).
+    /// Off when unset.
+    #[arg(long, env = "EVENTS_NATS_URL")]
+    pub events_nats_url: Option<String>,
+
     /// Most HTTP/2 streams (RPCs in progress) one connection may have open;
     /// one more is refused with REFUSED_STREAM, which clients retry.
     #[arg(long, env = "GRPC_MAX_CONCURRENT_STREAMS", default_value_t = 200)]
@@ -257,6 +263,7 @@ impl ServeSettings {
             max_concurrent_requests_per_organization: 64,
             page_token_secret: None,
             events_retention: Duration::from_secs(7 * 24 * 3600),
+            events_nats_url: None,
             max_concurrent_streams: 200,
             max_streams_in_progress: 2048,
             max_connections: 1000,

@@ -52,6 +52,7 @@ pub struct Metrics {
     connections_open: Gauge,
     connections_refused: Family<ReasonLabels, Counter>,
     requests_shed: Family<ReasonLabels, Counter>,
+    relay_lag: Gauge,
 }
 
 /// 0.5 ms … ~16 s: the service answers in about a millisecond when healthy,
@@ -143,8 +144,15 @@ impl Metrics {
         for reason in ["server", "organization", "streams"] {
             drop(requests_shed.get_or_create(&ReasonLabels { reason }));
         }
+        let relay_lag = Gauge::default();
+        registry.register(
+            "events_relay_lag",
+            "Change events committed but not yet published to NATS JetStream (0 when the relay is off)",
+            relay_lag.clone(),
+        );
         Arc::new(Self {
             registry,
+            relay_lag,
             connections_open,
             connections_refused,
             requests_shed,
@@ -183,6 +191,10 @@ impl Metrics {
 
     pub fn connection_acquired(&self, waited: Duration) {
         self.pool_acquire_duration.observe(waited.as_secs_f64());
+    }
+
+    pub fn relay_lag(&self, events: i64) {
+        self.relay_lag.set(events);
     }
 
     pub fn connection_opened(&self) {

@@ -23,6 +23,7 @@ use crate::auth::{Authenticator, INVENTORY_SCOPE};
 use crate::config::ServeSettings;
 use crate::error::ServiceError;
 use crate::events::hub::EventHub;
+use crate::events::relay::Relay;
 use crate::metrics::Metrics;
 use crate::operations::Operations;
 use crate::operations::admission::Admission;
@@ -159,6 +160,19 @@ impl Application {
         let (drain_started, drain_started_rx) = watch::channel(false);
         let (events, events_listener) = EventHub::start(store.database().connect_options());
         let events_listener = AbortOnDropHandle::new(events_listener);
+        let relay = settings.events_nats_url.clone().map(|nats_url| {
+            tokio::spawn(
+                Relay {
+                    store: store.clone(),
+                    options: store.database().connect_options(),
+                    nats_url,
+                    events: events.clone(),
+                    stopping: drain_started_rx.clone(),
+                    metrics: Arc::clone(&metrics),
+                }
+                .run(),
+            )
+        });
         let operations = Operations::new(
             store.clone(),
             admission,
@@ -271,6 +285,11 @@ impl Application {
         if let Some(metrics_task) = metrics_task {
             let _ = metrics_task.await;
         }
+        if let Some(relay) = relay {
+            // It stops after the batch in progress; a stuck publish is cut.
+            let relay = AbortOnDropHandle::new(relay);
+            let _ = tokio::time::timeout(RELAY_STOP_TIMEOUT, relay).await;
+        }
         trimmer.abort();
         pruner.abort();
         events_listener.abort();
@@ -322,6 +341,10 @@ fn page_token_key(settings: &ServeSettings) -> Vec<u8> {
     );
     uuid::Uuid::new_v4().as_bytes().to_vec()
 }
+
+/// How long the event relay may take to finish its batch when the server
+/// stops.
+const RELAY_STOP_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How often events older than the retention are removed (the contract asks
 /// for at least once a minute).

@@ -123,10 +123,60 @@ const PRUNE_EVENTS: &str = "
     )
     SELECT count(*) FROM removed";
 
+/// Organizations with events the relay has not published: where it stands,
+/// where retention stands, and the last sequence.
+const RELAY_BACKLOG: &str = "
+    SELECT counter.organization_id,
+           coalesce(relay.relayed_through, 0) AS relayed_through,
+           counter.removed_through,
+           counter.last_sequence
+    FROM event_sequences AS counter
+    LEFT JOIN event_relay_positions AS relay USING (organization_id)
+    WHERE counter.last_sequence > coalesce(relay.relayed_through, 0)
+    ORDER BY counter.organization_id";
+
+const SAVE_RELAY_POSITION: &str = "
+    INSERT INTO event_relay_positions AS relay (organization_id, relayed_through)
+    VALUES ($1, $2)
+    ON CONFLICT (organization_id) DO UPDATE
+        SET relayed_through = greatest(relay.relayed_through, EXCLUDED.relayed_through)";
+
+/// An organization the relay is behind on.
+#[derive(Debug, sqlx::FromRow)]
+pub struct RelayBacklog {
+    pub organization_id: String,
+    pub relayed_through: i64,
+    pub removed_through: i64,
+    pub last_sequence: i64,
+}
+
 /// Events removed per organization by one statement: keeps each one short.
 const PRUNE_BATCH: i64 = 10_000;
 
 impl Store {
+    /// Every organization with events not yet relayed.
+    pub async fn relay_backlog(&self) -> Result<Vec<RelayBacklog>, ServiceError> {
+        self.fetch_rows(None, || sqlx::query_as::<_, RelayBacklog>(RELAY_BACKLOG))
+            .await
+            .map_err(|error| error.into_service_error(|_| None))
+    }
+
+    /// Records that the organization's events up to `sequence` are published.
+    pub async fn save_relay_position(
+        &self,
+        organization: &str,
+        sequence: i64,
+    ) -> Result<(), ServiceError> {
+        self.fetch_rows(None, || {
+            sqlx::query_as::<_, ()>(SAVE_RELAY_POSITION)
+                .bind(organization)
+                .bind(sequence)
+        })
+        .await
+        .map(drop)
+        .map_err(|error| error.into_service_error(|_| None))
+    }
+
     /// Removes events older than `retention`, a batch at a time, and returns
     /// how many were removed.
     #[tracing::instrument(name = "store.prune_events", skip_all)]

@@ -75,7 +75,7 @@ mod identities;
 mod inventory;
 mod reads;
 
-pub use events::EventRecord;
+pub use events::{EventRecord, RelayBacklog};
 pub use identities::{
     ASSIGN_MAILBOX, ASSIGN_PHONE_NUMBER, UNASSIGN_MAILBOX, UNASSIGN_PHONE_NUMBER,
 };

@@ -22,4 +22,5 @@ mod pool;
 mod proxy;
 mod raw;
 mod reads;
+mod relay;
 mod unassign;
