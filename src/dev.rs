@@ -12,6 +12,7 @@ pub const DEFAULT_DEV_DATABASE_URL: &str =
     "postgres://postgres@127.0.0.1:5432/channel_assignment_dev";
 pub const DEMO_ORGANIZATION: &str = "org_demo";
 const TOKEN_TTL: Duration = Duration::from_secs(24 * 3600);
+const LOCAL_NATS_ADDRESS: &str = "127.0.0.1:4222";
 
 const SALES_MAILBOX: &str = "5a1e5000-0000-4000-8000-000000000001";
 const SUPPORT_MAILBOX: &str = "5a1e5000-0000-4000-8000-000000000002";
@@ -73,13 +74,25 @@ pub async fn run(
         &[auth::INVENTORY_SCOPE.to_owned()],
     )?;
 
+    // The local NATS, when one answers: events are relayed to it too.
+    if settings.events_nats_url.is_none()
+        && tokio::net::TcpStream::connect(LOCAL_NATS_ADDRESS)
+            .await
+            .is_ok()
+    {
+        settings.events_nats_url = Some(format!("nats://{LOCAL_NATS_ADDRESS}"));
+    }
     let options = startup::connect_options(&url, settings.request_timeout)?;
     let application = startup::Application::build(
         settings.clone(),
         Database::new(options, &settings.database)?,
     )
     .await?;
-    print_walkthrough(&reachable(application.local_addr()), &token);
+    print_walkthrough(
+        &reachable(application.local_addr()),
+        &token,
+        settings.events_nats_url.as_deref(),
+    );
     pool.close().await;
     application.run(shutdown).await
 }
@@ -133,7 +146,7 @@ fn redact(url: &str) -> String {
     }
 }
 
-fn print_walkthrough(address: &SocketAddr, token: &str) {
+fn print_walkthrough(address: &SocketAddr, token: &str, nats_url: Option<&str>) {
     let call_service = |service: &str, method: &str, body: &str| {
         format!(
             "grpcurl -plaintext -H 'authorization: Bearer {token}' \\\n    -d '{body}' \\\n    {address} channels.v1.{service}/{method}"
@@ -194,4 +207,19 @@ fn print_walkthrough(address: &SocketAddr, token: &str) {
             )
         ),
     );
+    println!(
+        "# change events: every link change above, then each new one as it commits (Ctrl-C ends it)\n{}\n",
+        call("WatchAssignmentEvents", r#"{"after_sequence":0}"#)
+    );
+    match nats_url {
+        Some(url) => println!(
+            "# the same events on NATS JetStream ({url}): stream CHANNELS_ASSIGNMENT_EVENTS,\n\
+             # subject channels.v1.assignment_events.{DEMO_ORGANIZATION}, protobuf AssignmentEvent;\n\
+             # with the nats CLI:\n\
+             nats --server {url} stream view CHANNELS_ASSIGNMENT_EVENTS\n"
+        ),
+        None => println!(
+            "# no NATS on {LOCAL_NATS_ADDRESS}: events are not relayed (set EVENTS_NATS_URL)\n"
+        ),
+    }
 }
