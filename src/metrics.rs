@@ -16,6 +16,7 @@ use prometheus_client::{
     registry::Registry,
 };
 
+use crate::events::hub::EventHub;
 use crate::store::database::Database;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -53,6 +54,7 @@ pub struct Metrics {
     connections_refused: Family<ReasonLabels, Counter>,
     requests_shed: Family<ReasonLabels, Counter>,
     relay_lag: Gauge,
+    watchers: Gauge,
 }
 
 /// 0.5 ms … ~16 s: the service answers in about a millisecond when healthy,
@@ -150,9 +152,16 @@ impl Metrics {
             "Change events committed but not yet published to NATS JetStream (0 when the relay is off)",
             relay_lag.clone(),
         );
+        let watchers = Gauge::default();
+        registry.register(
+            "events_watchers",
+            "WatchAssignmentEvents streams open now",
+            watchers.clone(),
+        );
         Arc::new(Self {
             registry,
             relay_lag,
+            watchers,
             connections_open,
             connections_refused,
             requests_shed,
@@ -224,7 +233,9 @@ impl Metrics {
     }
 
     /// The text exposition, with the pool's gauges read now.
-    pub fn render(&self, database: &Database) -> String {
+    pub fn render(&self, database: &Database, events: &EventHub) -> String {
+        self.watchers
+            .set(i64::try_from(events.watchers()).unwrap_or(i64::MAX));
         let pool = database.status();
         self.pool_connections
             .set(i64::try_from(pool.connections).unwrap_or(i64::MAX));
@@ -255,7 +266,7 @@ impl Drop for WaitingForConnection {
 }
 
 /// The `/metrics` endpoint.
-pub fn router(metrics: Arc<Metrics>, database: Database) -> axum::Router {
+pub fn router(metrics: Arc<Metrics>, database: Database, events: EventHub) -> axum::Router {
     axum::Router::new().route(
         "/metrics",
         axum::routing::get(move || async move {
@@ -264,7 +275,7 @@ pub fn router(metrics: Arc<Metrics>, database: Database) -> axum::Router {
                     http::header::CONTENT_TYPE,
                     "application/openmetrics-text; version=1.0.0; charset=utf-8",
                 )],
-                metrics.render(&database),
+                metrics.render(&database, &events),
             )
         }),
     )

@@ -178,7 +178,7 @@ impl Application {
             admission,
             settings.request_timeout,
             PageTokens::new(page_token_key(&settings)),
-            events,
+            events.clone(),
             drain_started_rx.clone(),
         );
         let observe = ObserveRpcLayer::new(Arc::clone(&metrics));
@@ -205,7 +205,11 @@ impl Application {
         let metrics_task = metrics_listener.map(|metrics_listener| {
             let metrics_server = axum::serve(
                 metrics_listener,
-                crate::metrics::router(Arc::clone(&metrics), store.database().clone()),
+                crate::metrics::router(
+                    Arc::clone(&metrics),
+                    store.database().clone(),
+                    events.clone(),
+                ),
             )
             .with_graceful_shutdown(async {
                 let _ = metrics_stopped.await;

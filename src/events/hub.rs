@@ -5,7 +5,13 @@
 //! sequence. Notifications sent while the listening connection was down are
 //! lost, so after every reconnection every watcher is woken to re-read.
 
-use std::time::Duration;
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
 
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
 use tokio::sync::broadcast;
@@ -41,6 +47,16 @@ impl Wake {
 #[derive(Clone)]
 pub struct EventHub {
     wakes: broadcast::Sender<Wake>,
+    watchers: Arc<AtomicUsize>,
+}
+
+/// Counts a watcher for as long as it lives.
+pub struct Watching(Arc<AtomicUsize>);
+
+impl Drop for Watching {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl EventHub {
@@ -49,16 +65,28 @@ impl EventHub {
     pub fn start(options: PgConnectOptions) -> (Self, tokio::task::JoinHandle<()>) {
         let (wakes, _) = broadcast::channel(BACKLOG);
         let task = tokio::spawn(listen(options, wakes.clone()));
-        (Self { wakes }, task)
+        (
+            Self {
+                wakes,
+                watchers: Arc::default(),
+            },
+            task,
+        )
     }
 
     pub fn subscribe(&self) -> broadcast::Receiver<Wake> {
         self.wakes.subscribe()
     }
 
-    /// Watchers waiting now, for the metrics.
+    /// Wake-ups for a watcher, and the guard that counts it while it lives.
+    pub fn watch(&self) -> (broadcast::Receiver<Wake>, Watching) {
+        self.watchers.fetch_add(1, Ordering::Relaxed);
+        (self.subscribe(), Watching(Arc::clone(&self.watchers)))
+    }
+
+    /// Watchers connected now, for the metrics.
     pub fn watchers(&self) -> usize {
-        self.wakes.receiver_count()
+        self.watchers.load(Ordering::Relaxed)
     }
 }
 

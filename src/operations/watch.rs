@@ -7,7 +7,7 @@ use tokio::sync::{broadcast, mpsc, watch};
 
 use super::{Call, Operations};
 use crate::error::{FieldViolation, ServiceError};
-use crate::events::hub::Wake;
+use crate::events::hub::{Wake, Watching};
 use crate::store::EventRecord;
 
 /// Events read per round trip while catching up.
@@ -40,7 +40,7 @@ impl Operations {
         }
         // Subscribed before the first read: a commit between the two still
         // wakes this watcher.
-        let wakes = self.events.subscribe();
+        let (wakes, watching) = self.events.watch();
         let first = self
             .store
             .list_events(&call.organization, after_sequence, BATCH)
@@ -52,6 +52,7 @@ impl Operations {
             sink,
             wakes,
             stopping: self.stopping.clone(),
+            _watching: watching,
         };
         tokio::spawn(watcher.run(first));
         Ok(())
@@ -65,6 +66,7 @@ struct Watcher {
     sink: EventSink,
     wakes: broadcast::Receiver<Wake>,
     stopping: watch::Receiver<bool>,
+    _watching: Watching,
 }
 
 impl Watcher {

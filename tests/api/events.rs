@@ -523,6 +523,11 @@ async fn a_drain_ends_watches_with_unavailable_and_watchers_share_one_connection
     .await
     .unwrap();
     assert!(sessions <= 11, "{sessions} sessions for 50 watchers");
+    let scraped = crate::metrics::scrape(app.metrics_addr).await;
+    assert!(
+        scraped.contains("channel_assignment_events_watchers 50"),
+        "{scraped}"
+    );
 
     app.begin_shutdown();
     for mut watcher in watchers {
