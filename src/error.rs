@@ -101,6 +101,10 @@ impl ServiceError {
             DatabaseErrorClass::Unavailable | DatabaseErrorClass::Conflict => {
                 Self::Unavailable(error)
             }
+            DatabaseErrorClass::Privilege => Self::Internal(anyhow::Error::new(error).context(
+                "the database role lacks a privilege the service needs (SQLSTATE 42501): \
+                 run `channel-assignment migrate` with DATABASE_APP_ROLE naming this role",
+            )),
             DatabaseErrorClass::Constraint | DatabaseErrorClass::Other => {
                 Self::Internal(error.into())
             }
@@ -255,6 +259,9 @@ pub enum DatabaseErrorClass {
     Conflict,
     /// A constraint said no (unique, foreign key, check).
     Constraint,
+    /// The database role lacks a privilege (SQLSTATE 42501): a deployment
+    /// fault, not a request's, so it is named as such in logs and metrics.
+    Privilege,
     Other,
 }
 
@@ -288,11 +295,22 @@ impl DatabaseErrorClass {
                     Self::Unavailable
                 }
                 Some(code) if code.starts_with("23") => Self::Constraint,
+                Some("42501") => Self::Privilege,
                 _ => Self::Other,
             },
             _ => Self::Other,
         }
     }
+
+    /// Every kind, so that each series of the metric exists from the start.
+    pub const ALL: [Self; 6] = [
+        Self::Unavailable,
+        Self::Timeout,
+        Self::Conflict,
+        Self::Constraint,
+        Self::Privilege,
+        Self::Other,
+    ];
 
     /// The `kind` label of the database error metric.
     pub fn label(self) -> &'static str {
@@ -301,6 +319,7 @@ impl DatabaseErrorClass {
             Self::Timeout => "timeout",
             Self::Conflict => "conflict",
             Self::Constraint => "constraint",
+            Self::Privilege => "privilege",
             Self::Other => "other",
         }
     }

@@ -16,8 +16,12 @@ use prometheus_client::{
     registry::Registry,
 };
 
+use crate::error::DatabaseErrorClass;
 use crate::events::hub::EventHub;
-use crate::store::database::Database;
+use crate::store::Store;
+
+/// How long a scrape waits for the database's count of events.
+const EVENTS_COUNT_TIMEOUT: Duration = Duration::from_secs(1);
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RpcLabels {
@@ -55,6 +59,7 @@ pub struct Metrics {
     requests_shed: Family<ReasonLabels, Counter>,
     relay_lag: Gauge,
     watchers: Gauge,
+    events_written: Counter,
 }
 
 /// 0.5 ms … ~16 s: the service answers in about a millisecond when healthy,
@@ -119,7 +124,7 @@ impl Metrics {
         let database_errors = Family::<DatabaseErrorLabels, Counter>::default();
         registry.register(
             "db_errors",
-            "Database errors, by kind (unavailable, timeout, conflict, other)",
+            "Database errors, by kind (unavailable, timeout, conflict, constraint, privilege, other)",
             database_errors.clone(),
         );
         let connections_open = Gauge::default();
@@ -146,6 +151,16 @@ impl Metrics {
         for reason in ["server", "organization", "streams"] {
             drop(requests_shed.get_or_create(&ReasonLabels { reason }));
         }
+        // Every documented series exists from the start, at zero: a
+        // dashboard or an alert on a series that appears only with its
+        // first event shows "no data" where it should show 0.
+        for kind in DatabaseErrorClass::ALL {
+            drop(database_errors.get_or_create(&DatabaseErrorLabels { kind: kind.label() }));
+        }
+        for method in crate::api::grpc::observe::known_method_names() {
+            drop(rpc_requests.get_or_create(&RpcLabels { method, code: "OK" }));
+            drop(rpc_duration.get_or_create(&MethodLabels { method }));
+        }
         let relay_lag = Gauge::default();
         registry.register(
             "events_relay_lag",
@@ -158,8 +173,16 @@ impl Metrics {
             "WatchAssignmentEvents streams open now",
             watchers.clone(),
         );
+        let events_written = Counter::default();
+        registry.register(
+            "events_written",
+            "Change events recorded in the database, by every replica (the same figure on each: \
+             aggregate with max, not sum)",
+            events_written.clone(),
+        );
         Arc::new(Self {
             registry,
+            events_written,
             relay_lag,
             watchers,
             connections_open,
@@ -232,8 +255,18 @@ impl Metrics {
             .inc();
     }
 
+    /// Brings the events counter up to the database's count (a counter
+    /// never goes down: a smaller figure is ignored).
+    fn events_recorded(&self, total: u64) {
+        let known = self.events_written.get();
+        if total > known {
+            self.events_written.inc_by(total - known);
+        }
+    }
+
     /// The text exposition, with the pool's gauges read now.
-    pub fn render(&self, database: &Database, events: &EventHub) -> String {
+    pub fn render(&self, store: &Store, events: &EventHub) -> String {
+        let database = store.database();
         self.watchers
             .set(i64::try_from(events.watchers()).unwrap_or(i64::MAX));
         let pool = database.status();
@@ -266,16 +299,24 @@ impl Drop for WaitingForConnection {
 }
 
 /// The `/metrics` endpoint.
-pub fn router(metrics: Arc<Metrics>, database: Database, events: EventHub) -> axum::Router {
+pub fn router(metrics: Arc<Metrics>, store: Store, events: EventHub) -> axum::Router {
     axum::Router::new().route(
         "/metrics",
         axum::routing::get(move || async move {
+            // The events are written by the database's trigger, so the
+            // database counts them; a scrape while it is down keeps the last
+            // count rather than failing.
+            match tokio::time::timeout(EVENTS_COUNT_TIMEOUT, store.events_written()).await {
+                Ok(Ok(total)) => metrics.events_recorded(total),
+                Ok(Err(error)) => tracing::debug!(%error, "cannot count the change events"),
+                Err(_) => tracing::debug!("counting the change events took too long"),
+            }
             (
                 [(
                     http::header::CONTENT_TYPE,
                     "application/openmetrics-text; version=1.0.0; charset=utf-8",
                 )],
-                metrics.render(&database, &events),
+                metrics.render(&store, &events),
             )
         }),
     )

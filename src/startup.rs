@@ -205,11 +205,7 @@ impl Application {
         let metrics_task = metrics_listener.map(|metrics_listener| {
             let metrics_server = axum::serve(
                 metrics_listener,
-                crate::metrics::router(
-                    Arc::clone(&metrics),
-                    store.database().clone(),
-                    events.clone(),
-                ),
+                crate::metrics::router(Arc::clone(&metrics), store.clone(), events.clone()),
             )
             .with_graceful_shutdown(async {
                 let _ = metrics_stopped.await;

@@ -177,6 +177,23 @@ impl Store {
         .map_err(|error| error.into_service_error(|_| None))
     }
 
+    /// How many change events were ever recorded: each organization's
+    /// counter grows by one an event (see the migration), so their sum is the
+    /// count, kept or pruned, without reading the events.
+    pub async fn events_written(&self) -> Result<u64, ServiceError> {
+        let rows = self
+            .fetch_rows(None, || {
+                sqlx::query_as::<_, (i64,)>(
+                    "SELECT coalesce(sum(last_sequence), 0)::bigint FROM event_sequences",
+                )
+            })
+            .await
+            .map_err(|error| error.into_service_error(|_| None))?;
+        Ok(rows
+            .first()
+            .map_or(0, |(total,)| u64::try_from(*total).unwrap_or(0)))
+    }
+
     /// Removes events older than `retention`, a batch at a time, and returns
     /// how many were removed.
     #[tracing::instrument(name = "store.prune_events", skip_all)]

@@ -38,12 +38,17 @@ async fn counters_move_with_real_rpcs(pool: PgPool) {
     insert_identity(&pool, ORG, "sales-agent").await;
     let mailbox = insert_mailbox(&pool, ORG).await.to_string();
     let before = scrape(app.metrics_addr).await;
+    // Present at zero before the first call, so that dashboards show 0.
     assert_eq!(
         sample(
             &before,
             r#"channel_assignment_rpc_requests_total{method="AssignMailbox",code="OK"}"#
         ),
-        None
+        Some(0.0)
+    );
+    assert_eq!(
+        sample(&before, "channel_assignment_events_written_total"),
+        Some(0.0)
     );
 
     app.assign_mailbox(ORG, "sales-agent", &mailbox)
@@ -89,6 +94,51 @@ async fn counters_move_with_real_rpcs(pool: PgPool) {
     assert!(value("channel_assignment_db_pool_connections") >= 1.0);
     assert_eq!(value("channel_assignment_db_pool_waiting"), 0.0);
     assert!(value("channel_assignment_db_pool_acquire_duration_seconds_count") >= 3.0);
+    // One real change: the idempotent repeat and the refusals record nothing.
+    assert_eq!(value("channel_assignment_events_written_total"), 1.0);
+}
+
+#[sqlx::test]
+async fn every_documented_series_exists_from_the_start(pool: PgPool) {
+    let app = spawn_app(&pool).await;
+    let text = scrape(app.metrics_addr).await;
+    for kind in [
+        "unavailable",
+        "timeout",
+        "conflict",
+        "constraint",
+        "privilege",
+        "other",
+    ] {
+        let series = format!(r#"channel_assignment_db_errors_total{{kind="{kind}"}}"#);
+        assert_eq!(sample(&text, &series), Some(0.0), "{series} in\n{text}");
+    }
+    for method in [
+        "AssignMailbox",
+        "UnassignPhoneNumber",
+        "GetIdentity",
+        "ListIdentities",
+        "WatchAssignmentEvents",
+        "UpsertMailbox",
+    ] {
+        let series =
+            format!(r#"channel_assignment_rpc_duration_seconds_count{{method="{method}"}}"#);
+        assert_eq!(sample(&text, &series), Some(0.0), "{series} in\n{text}");
+    }
+    for series in [
+        "channel_assignment_events_written_total",
+        "channel_assignment_events_relay_lag",
+        "channel_assignment_events_watchers",
+        r#"channel_assignment_rpc_shed_total{reason="organization"}"#,
+        r#"channel_assignment_grpc_connections_refused_total{reason="limit"}"#,
+    ] {
+        assert_eq!(sample(&text, series), Some(0.0), "{series} in\n{text}");
+    }
+    // The test's own client is connected.
+    assert_eq!(
+        sample(&text, "channel_assignment_grpc_connections"),
+        Some(1.0)
+    );
 }
 
 #[sqlx::test]

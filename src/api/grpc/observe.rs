@@ -181,6 +181,12 @@ static KNOWN_METHODS: LazyLock<Vec<(String, String)>> = LazyLock::new(|| {
     known
 });
 
+/// The name of every RPC of `channels.v1`, so that its series exist from the
+/// start.
+pub fn known_method_names() -> impl Iterator<Item = &'static str> {
+    KNOWN_METHODS.iter().map(|(_, method)| method.as_str())
+}
+
 /// The RPC's name for metrics and logs: one of the service's own methods,
 /// else `unknown`.
 pub fn method_name(path: &str) -> &'static str {
