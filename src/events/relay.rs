@@ -91,7 +91,7 @@ impl Relay {
 
     async fn relay_backlog(&self, jetstream: &jetstream::Context) -> anyhow::Result<()> {
         let backlog = self.store.relay_backlog().await?;
-        let lag: i64 = backlog
+        let mut lag: i64 = backlog
             .iter()
             .map(|behind| behind.last_sequence - behind.relayed_through.max(behind.removed_through))
             .sum();
@@ -121,12 +121,17 @@ impl Relay {
                     break;
                 };
                 let full = events.len() == BATCH;
+                let published = i64::try_from(events.len()).unwrap_or(i64::MAX);
                 for event in events {
                     publish(jetstream, event).await?;
                 }
                 self.store
                     .save_relay_position(organization.as_str(), last)
                     .await?;
+                // Events committed since the backlog was read are counted
+                // at the next round.
+                lag = lag.saturating_sub(published).max(0);
+                self.metrics.relay_lag(lag);
                 after = last;
                 if !full || *self.stopping.borrow() {
                     break;

@@ -83,7 +83,7 @@ async fn migrate_creates_the_schema_and_is_idempotent(pool: PgPool) {
 
 /// Starts `serve` and returns it with the address it logged and its later
 /// log messages.
-async fn serve(
+pub async fn serve(
     pool: &PgPool,
     extra_env: &[(&str, &str)],
 ) -> (Child, String, mpsc::UnboundedReceiver<String>) {

@@ -694,6 +694,15 @@ pub async fn wait_until_quiet(pool: &PgPool) {
     poll_until(pool, someone_works, false).await;
 }
 
+/// Waits until the service's sessions have left this database (a stopped
+/// or killed server's backends exit a moment after their sockets close), so
+/// that the test's database can be dropped.
+pub async fn wait_until_service_gone(pool: &PgPool) {
+    let service_connected = "SELECT EXISTS (SELECT 1 FROM pg_stat_activity
+        WHERE datname = current_database() AND application_name = 'channel-assignment')";
+    poll_until(pool, service_connected, false).await;
+}
+
 /// Polls a yes/no query (every 25 ms, 10 s at most) until it answers `wanted`.
 async fn poll_until(pool: &PgPool, question: &'static str, wanted: bool) {
     for _ in 0..400 {
