@@ -34,8 +34,9 @@ pub enum LogFormat {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Apply pending database migrations and exit.
-    Migrate(DatabaseSettings),
+    /// Apply pending database migrations, grant the serving role its
+    /// privileges, and exit.
+    Migrate(MigrateSettings),
     /// Serve gRPC until SIGTERM or SIGINT.
     Serve(ServeSettings),
     /// A ready-to-try local instance: creates and migrates its database, seeds
@@ -43,6 +44,25 @@ pub enum Command {
     Dev(ServeSettings),
     /// Print an HS256 token for an organization, signed with AUTH_JWT_HS256_SECRET.
     Token(TokenSettings),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct MigrateSettings {
+    /// PostgreSQL connection string of a role that may change the schema
+    /// (the tables' owner).
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+
+    /// The role `serve` connects as, when it is not the owner: granted
+    /// exactly what the service needs on every table (schema usage; select,
+    /// insert, update, and delete of old events), again on every run so that
+    /// new tables are covered. Unset, or the owner itself: nothing is granted.
+    #[arg(long, env = "DATABASE_APP_ROLE")]
+    pub app_role: Option<String>,
+
+    /// How long to wait for the database connection.
+    #[arg(long, env = "DATABASE_ACQUIRE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub database_acquire_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Args)]

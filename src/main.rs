@@ -5,7 +5,10 @@ use channel_assignment::{
     MIGRATOR, auth,
     config::{Cli, Command, DatabaseSettings},
     dev, startup,
-    store::database::Database,
+    store::{
+        database::Database,
+        privileges::{self, Granted},
+    },
     telemetry,
 };
 use clap::Parser as _;
@@ -37,16 +40,33 @@ fn main() -> ExitCode {
 
 async fn run(command: Command) -> anyhow::Result<()> {
     match command {
-        Command::Migrate(database) => {
-            let url = required_database_url(&database)?;
+        Command::Migrate(settings) => {
+            let url = settings
+                .database_url
+                .as_deref()
+                .context("DATABASE_URL (or --database-url) is required")?;
             let pool = sqlx::postgres::PgPoolOptions::new()
                 .max_connections(1)
-                .acquire_timeout(database.database_acquire_timeout)
+                .acquire_timeout(settings.database_acquire_timeout)
                 .connect(url)
                 .await
                 .context("cannot connect to the database")?;
             MIGRATOR.run(&pool).await.context("migration failed")?;
             tracing::info!("migrations applied");
+            if let Some(role) = settings.app_role.as_deref() {
+                let granted = privileges::grant_to(&pool, role)
+                    .await
+                    .with_context(|| format!("cannot grant {role:?} its privileges"))?;
+                match granted {
+                    Granted::Granted => {
+                        tracing::info!(role, "privileges granted to the serving role")
+                    }
+                    Granted::SameRole => tracing::info!(
+                        role,
+                        "the serving role is the migrating role: it owns the tables, nothing to grant"
+                    ),
+                }
+            }
             Ok(())
         }
         Command::Serve(settings) => {

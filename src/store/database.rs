@@ -101,9 +101,10 @@ impl Database {
         })
     }
 
-    /// Whether the database answers now and would take a write: a server
-    /// in recovery (a standby) or in read-only mode (a demoted primary)
-    /// answers `SELECT 1` as happily as the primary, yet fails every write.
+    /// Whether the database answers now and would take the service's
+    /// writes: a server in recovery (a standby) or in read-only mode (a
+    /// demoted primary) answers `SELECT 1` as happily as the primary, yet
+    /// fails every write; so does a role without privileges on the tables.
     pub async fn check_writable(&self) -> Result<(), HealthError> {
         let mut lease = self.connection().await.map_err(HealthError::Database)?;
         let result = sqlx::query_scalar::<_, bool>(
@@ -119,6 +120,12 @@ impl Database {
             let idle = self.pool.retain(|_, _| false).removed;
             close_gracefully(idle).await;
             return Err(HealthError::ReadOnly);
+        }
+        let mut lease = self.connection().await.map_err(HealthError::Database)?;
+        let result = super::privileges::missing(lease.connection()).await;
+        let missing = lease.settle(result).map_err(HealthError::Database)?;
+        if !missing.is_empty() {
+            return Err(HealthError::Privileges(missing.join(", ")));
         }
         Ok(())
     }
@@ -216,6 +223,11 @@ pub enum HealthError {
     Database(#[source] sqlx::Error),
     #[error("database refuses writes (a standby or a read-only primary)")]
     ReadOnly,
+    #[error(
+        "the database role lacks privileges the service needs (SQLSTATE 42501 on every call): \
+         {0}; run `channel-assignment migrate` with DATABASE_APP_ROLE naming this role"
+    )]
+    Privileges(String),
 }
 
 /// Whether PostgreSQL refused the statement without changing anything: it

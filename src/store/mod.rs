@@ -6,6 +6,7 @@
 //! and unlink channels.
 
 pub mod database;
+pub mod privileges;
 
 use std::sync::Arc;
 

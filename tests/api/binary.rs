@@ -24,7 +24,7 @@ const BINARY: &str = env!("CARGO_BIN_EXE_channel-assignment");
 const SHUTTING_DOWN: &str = "shutting down: reporting NOT_SERVING and draining in-flight rpcs";
 
 /// The binary with a clean environment: only what the test sets.
-fn command(pool: &PgPool) -> Command {
+pub fn command(pool: &PgPool) -> Command {
     let options = pool.connect_options();
     let url = format!(
         "postgres://{}@{}:{}/{}",

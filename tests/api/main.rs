@@ -19,6 +19,7 @@ mod migrations;
 mod operations;
 mod overload;
 mod pool;
+mod privileges;
 mod proxy;
 mod raw;
 mod reads;
