@@ -39,8 +39,15 @@ pub enum Command {
     Migrate(MigrateSettings),
     /// Serve gRPC until SIGTERM or SIGINT.
     Serve(ServeSettings),
-    /// A ready-to-try local instance: creates and migrates its database, seeds
-    /// a demo organization, prints a token and grpcurl commands, then serves.
+    /// A ready-to-try local instance: creates and migrates its own database,
+    /// puts the demo organization back to its seed, prints a token and
+    /// grpcurl commands, then serves.
+    // Its database is its own: DATABASE_URL is the tests' (.cargo/config.toml
+    // sets it, and cargo passes it to `cargo run` too), so dev reads
+    // DEV_DATABASE_URL instead.
+    #[command(mut_arg("database_url", |arg| arg
+        .env("DEV_DATABASE_URL")
+        .help("PostgreSQL connection string of dev's own database [default: postgres://postgres@127.0.0.1:5432/channel_assignment_dev]")))]
     Dev(ServeSettings),
     /// Print an HS256 token for an organization, signed with AUTH_JWT_HS256_SECRET.
     Token(TokenSettings),

