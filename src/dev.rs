@@ -187,14 +187,14 @@ fn print_banner(url: &str, secret: &Secret) {
         "\nDatabase: {} (demo organizations org_demo and org_other reset to their seed)",
         redact(url)
     );
-    if let Ok(tests_url) = std::env::var("DATABASE_URL") {
-        if tests_url != url {
-            println!(
-                "  DATABASE_URL ({}) is not used by dev: it is the tests' (.cargo/config.toml). \
-                 DEV_DATABASE_URL or --database-url picks dev's database.",
-                redact(&tests_url)
-            );
-        }
+    if let Ok(tests_url) = std::env::var("DATABASE_URL")
+        && tests_url != url
+    {
+        println!(
+            "  DATABASE_URL ({}) is not used by dev: it is the tests' (.cargo/config.toml). \
+             DEV_DATABASE_URL or --database-url picks dev's database.",
+            redact(&tests_url)
+        );
     }
     match secret {
         Secret::Given(_) => println!(
