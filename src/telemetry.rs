@@ -55,13 +55,19 @@ pub fn init(format: LogFormat, otlp_endpoint: Option<&str>) -> anyhow::Result<Te
                     .with_target(false),
             )
             .try_init(),
+        // Every field at the top level (the event's, and those of the spans
+        // it is in: `method`, `organization`, `trace_id` of the RPC), so
+        // that `jq .method`, Loki or Elasticsearch field queries find them.
+        // tracing-subscriber's JSON nests span fields under `span`;
+        // json-subscriber (a drop-in by a tracing maintainer) flattens them.
         LogFormat::Json => registry
             .with(
-                fmt::layer()
-                    .json()
+                json_subscriber::fmt::layer()
                     .with_writer(log_writer)
                     .flatten_event(true)
-                    .with_current_span(true),
+                    .with_current_span(false)
+                    .with_span_list(false)
+                    .flatten_span_list_on_top_level(true),
             )
             .try_init(),
     };
@@ -80,6 +86,11 @@ fn tracer_provider(endpoint: &str) -> anyhow::Result<SdkTracerProvider> {
         .with_timeout(Duration::from_secs(5))
         .build()
         .with_context(|| format!("cannot set up the OTLP exporter for {endpoint}"))?;
+    let exporter = ReportingExporter {
+        inner: exporter,
+        endpoint: endpoint.to_owned(),
+        failures: std::sync::Mutex::default(),
+    };
     let processor =
         BatchSpanProcessor::builder(exporter, opentelemetry_sdk::runtime::Tokio).build();
     Ok(SdkTracerProvider::builder()
@@ -90,6 +101,81 @@ fn tracer_provider(endpoint: &str) -> anyhow::Result<SdkTracerProvider> {
                 .build(),
         )
         .build())
+}
+
+/// While exports keep failing, one warning this often (with the count).
+const EXPORT_FAILURE_RELOG_INTERVAL: Duration = Duration::from_secs(60);
+
+/// The OTLP exporter, saying when it fails: the SDK drops a batch it cannot
+/// send without a word at the default log level, so an unreachable collector
+/// would look like a service that emits no traces.
+#[derive(Debug)]
+struct ReportingExporter<E> {
+    inner: E,
+    endpoint: String,
+    failures: std::sync::Mutex<ExportFailures>,
+}
+
+#[derive(Debug, Default)]
+struct ExportFailures {
+    /// Failed batches since the last warning.
+    unreported: u64,
+    failing: bool,
+    warned_at: Option<std::time::Instant>,
+}
+
+impl<E: opentelemetry_sdk::trace::SpanExporter> opentelemetry_sdk::trace::SpanExporter
+    for ReportingExporter<E>
+{
+    async fn export(
+        &self,
+        batch: Vec<opentelemetry_sdk::trace::SpanData>,
+    ) -> opentelemetry_sdk::error::OTelSdkResult {
+        let spans = batch.len();
+        let result = self.inner.export(batch).await;
+        let mut failures = self
+            .failures
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match &result {
+            Err(error) => {
+                failures.unreported += 1;
+                let due = failures
+                    .warned_at
+                    .is_none_or(|at| at.elapsed() >= EXPORT_FAILURE_RELOG_INTERVAL);
+                if !failures.failing || due {
+                    tracing::warn!(
+                        endpoint = %self.endpoint,
+                        %error,
+                        spans,
+                        failed_batches = failures.unreported,
+                        "cannot export trace spans over OTLP: they are dropped"
+                    );
+                    failures.unreported = 0;
+                    failures.warned_at = Some(std::time::Instant::now());
+                }
+                failures.failing = true;
+            }
+            Ok(()) if failures.failing => {
+                tracing::info!(endpoint = %self.endpoint, "exporting trace spans over OTLP again");
+                *failures = ExportFailures::default();
+            }
+            Ok(()) => {}
+        }
+        result
+    }
+
+    fn shutdown_with_timeout(&self, timeout: Duration) -> opentelemetry_sdk::error::OTelSdkResult {
+        self.inner.shutdown_with_timeout(timeout)
+    }
+
+    fn force_flush(&self) -> opentelemetry_sdk::error::OTelSdkResult {
+        self.inner.force_flush()
+    }
+
+    fn set_resource(&mut self, resource: &Resource) {
+        self.inner.set_resource(resource);
+    }
 }
 
 /// What must outlive serving: the span exporter, flushed on shutdown.

@@ -87,6 +87,21 @@ pub async fn serve(
     pool: &PgPool,
     extra_env: &[(&str, &str)],
 ) -> (Child, String, mpsc::UnboundedReceiver<String>) {
+    let (child, address, mut entries) = serve_logging(pool, extra_env).await;
+    let (messages, received) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some(entry) = entries.recv().await {
+            let _ = messages.send(entry["message"].as_str().unwrap_or_default().to_owned());
+        }
+    });
+    (child, address, received)
+}
+
+/// As `serve`, with its later log lines whole (JSON objects).
+pub async fn serve_logging(
+    pool: &PgPool,
+    extra_env: &[(&str, &str)],
+) -> (Child, String, mpsc::UnboundedReceiver<serde_json::Value>) {
     let mut child = command(pool)
         .arg("serve")
         .env("AUTH_JWT_HS256_SECRET", SECRET)
@@ -114,7 +129,7 @@ pub async fn serve(
     tokio::spawn(async move {
         while let Ok(Some(line)) = lines.next_line().await {
             if let Ok(entry) = serde_json::from_str::<serde_json::Value>(&line) {
-                let _ = messages.send(entry["message"].as_str().unwrap_or_default().to_owned());
+                let _ = messages.send(entry);
             }
         }
     });
@@ -320,4 +335,96 @@ async fn a_taken_default_metrics_port_does_not_stop_the_service(pool: PgPool) {
     assert!(served, "the service serves without its metrics port");
     assert!(warned, "and says why metrics are missing");
     child.kill().await.unwrap();
+}
+
+/// The log line of `message`, waiting up to `within`.
+async fn logged(
+    entries: &mut mpsc::UnboundedReceiver<serde_json::Value>,
+    message: &str,
+    within: Duration,
+) -> serde_json::Value {
+    tokio::time::timeout(within, async {
+        while let Some(entry) = entries.recv().await {
+            if entry["message"] == message {
+                return entry;
+            }
+        }
+        panic!("the logs ended without {message:?}");
+    })
+    .await
+    .unwrap_or_else(|_| panic!("no {message:?} logged within {within:?}"))
+}
+
+async fn unassign_with_trace(address: &str, trace_id: &str) {
+    let channel = Channel::from_shared(format!("http://{address}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut request = authorized(
+        channel_assignment::proto::UnassignMailboxRequest {
+            agent_handle: "sales-agent".into(),
+        },
+        ORG,
+    );
+    request.metadata_mut().insert(
+        "traceparent",
+        format!("00-{trace_id}-00f067aa0ba902b7-01")
+            .parse()
+            .unwrap(),
+    );
+    channel_assignment::proto::channel_assignment_client::ChannelAssignmentClient::new(channel)
+        .unassign_mailbox(request)
+        .await
+        .expect("served");
+}
+
+#[sqlx::test]
+async fn json_log_fields_are_at_the_top_level(pool: PgPool) {
+    insert_identity(&pool, ORG, "sales-agent").await;
+    let (_child, address, mut entries) = serve_logging(&pool, &[]).await;
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    unassign_with_trace(&address, trace_id).await;
+
+    let line = logged(&mut entries, "rpc", Duration::from_secs(10)).await;
+    // What `jq .method` or a Loki/Elasticsearch field query looks for.
+    assert_eq!(line["method"], "UnassignMailbox", "{line}");
+    assert_eq!(line["code"], "OK", "{line}");
+    assert!(line["latency_ms"].is_f64(), "{line}");
+    assert_eq!(line["organization"], ORG, "{line}");
+    assert_eq!(line["trace_id"], trace_id, "{line}");
+    assert_eq!(line["level"], "INFO", "{line}");
+    assert!(
+        line.get("span").is_none() && line.get("fields").is_none(),
+        "{line}"
+    );
+}
+
+#[sqlx::test]
+async fn an_unreachable_otlp_collector_is_warned_about(pool: PgPool) {
+    insert_identity(&pool, ORG, "sales-agent").await;
+    // A port with nothing behind it.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let endpoint = format!("http://{closed}");
+    let (mut child, address, mut entries) =
+        serve_logging(&pool, &[("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str())]).await;
+    unassign_with_trace(&address, "4bf92f3577b34da6a3ce929d0e0e4736").await;
+    // SIGTERM flushes the batch, which cannot be sent.
+    let pid = child.id().expect("running").to_string();
+    std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    let warning = logged(
+        &mut entries,
+        "cannot export trace spans over OTLP: they are dropped",
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_eq!(warning["level"], "WARN", "{warning}");
+    assert_eq!(warning["endpoint"], endpoint, "{warning}");
+    assert_eq!(child.wait().await.unwrap().code(), Some(0));
 }
