@@ -58,7 +58,10 @@ async fn main() -> anyhow::Result<()> {
             );
             last_sequence = event.sequence;
         }
-        message.ack().await.map_err(|error| anyhow::anyhow!(error))?;
+        message
+            .ack()
+            .await
+            .map_err(|error| anyhow::anyhow!(error))?;
     }
     Ok(())
 }

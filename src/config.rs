@@ -68,7 +68,7 @@ pub struct MigrateSettings {
     pub app_role: Option<String>,
 
     /// How long to wait for the database connection.
-    #[arg(long, env = "DATABASE_ACQUIRE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "DATABASE_ACQUIRE_TIMEOUT", default_value = "2s", value_parser = humantime::parse_duration)]
     pub database_acquire_timeout: Duration,
 }
 

@@ -6,6 +6,7 @@ mod auth;
 mod binary;
 mod concurrency;
 mod deadlines;
+mod docs;
 mod events;
 mod failover;
 mod faults;
