@@ -11,7 +11,10 @@ use std::{
     fmt,
     io::Read as _,
     path::{Path, PathBuf},
-    sync::{Arc, PoisonError, RwLock},
+    sync::{
+        Arc, PoisonError, RwLock,
+        atomic::{AtomicBool, Ordering},
+    },
     time::Duration,
 };
 
@@ -191,8 +194,11 @@ pub(super) struct JwksSource {
     origin: Origin,
     rules: ClaimRules,
     current: RwLock<Arc<KeySet>>,
-    /// Raised by a token whose `kid` is in no key set.
-    wanted: Notify,
+    /// Set by a token whose `kid` is in no key set; cleared as a load starts,
+    /// which serves every token that asked before it.
+    wanted: AtomicBool,
+    /// Wakes the refresher when `wanted` is set.
+    wake: Notify,
 }
 
 impl JwksSource {
@@ -210,7 +216,8 @@ impl JwksSource {
             origin,
             rules,
             current: RwLock::new(Arc::new(keys)),
-            wanted: Notify::new(),
+            wanted: AtomicBool::new(false),
+            wake: Notify::new(),
         })
     }
 
@@ -237,7 +244,9 @@ impl JwksSource {
 
     /// Asks the refresher for a load as soon as its minimum interval allows.
     pub(super) fn request_refresh(&self) {
-        self.wanted.notify_one();
+        if !self.wanted.swap(true, Ordering::Relaxed) {
+            self.wake.notify_one();
+        }
     }
 
     fn snapshot(&self) -> Arc<KeySet> {
@@ -296,10 +305,11 @@ impl JwksSource {
             loop {
                 tokio::select! {
                     () = tokio::time::sleep_until(next_load) => {}
-                    () = self.wanted.notified() => {
+                    () = self.wake.notified() => {
                         tokio::time::sleep_until((last_load + min_interval).min(next_load)).await;
                     }
                 }
+                self.wanted.store(false, Ordering::Relaxed);
                 last_load = Instant::now();
                 next_load = last_load + interval;
                 let outcome = match self.origin.load().await {
@@ -356,7 +366,8 @@ mod tests {
             origin: origin(),
             rules: rules(),
             current: RwLock::new(Arc::new(first)),
-            wanted: Notify::new(),
+            wanted: AtomicBool::new(false),
+            wake: Notify::new(),
         };
         let key_a = source.find("rsa-a").pop().unwrap();
 
