@@ -429,6 +429,60 @@ mod tests {
         assert!(parse_listen_address("0.0.0.0:http").is_err());
     }
 
+    fn serve_settings(args: &[&str]) -> ServeSettings {
+        let cli = Cli::try_parse_from(["channel-assignment", "serve"].iter().chain(args)).unwrap();
+        let Command::Serve(settings) = cli.command else {
+            panic!("serve")
+        };
+        settings
+    }
+
+    #[test]
+    fn auth_settings_for_tests_have_the_flags_defaults() {
+        let parsed = serve_settings(&[]).auth;
+        let built = AuthSettings::hs256("secret");
+        assert_eq!(parsed.leeway_seconds, built.leeway_seconds);
+        assert_eq!(parsed.jwks_refresh_interval, built.jwks_refresh_interval);
+        assert_eq!(
+            parsed.jwks_min_refresh_interval,
+            built.jwks_min_refresh_interval
+        );
+    }
+
+    #[test]
+    fn jwks_urls_are_http_or_https() {
+        let settings = serve_settings(&["--auth-jwks-url", "https://idp.example/jwks.json"]);
+        assert_eq!(
+            settings.auth.jwks_url.unwrap().as_str(),
+            "https://idp.example/jwks.json"
+        );
+        for refused in ["file:///etc/jwks.json", "idp.example/jwks.json", ""] {
+            assert!(
+                Cli::try_parse_from(["channel-assignment", "serve", "--auth-jwks-url", refused])
+                    .is_err(),
+                "{refused}"
+            );
+        }
+    }
+
+    /// The README documents every authentication setting `serve` has.
+    #[test]
+    fn the_readme_names_every_auth_setting() {
+        let readme = include_str!("../README.md");
+        let command = <Cli as clap::CommandFactory>::command();
+        let serve = command.find_subcommand("serve").unwrap();
+        let variables: Vec<String> = serve
+            .get_arguments()
+            .filter_map(|argument| argument.get_env())
+            .map(|env| env.to_string_lossy().into_owned())
+            .filter(|env| env.starts_with("AUTH_"))
+            .collect();
+        assert!(variables.len() >= 10, "{variables:?}");
+        for variable in variables {
+            assert!(readme.contains(&format!("`{variable}`")), "{variable}");
+        }
+    }
+
     #[test]
     fn trusted_header_accepts_the_usual_spellings() {
         for (raw, expected) in [
