@@ -465,6 +465,22 @@ mod tests {
         }
     }
 
+    /// The limits `--help` states for a JWKS fetch are the code's.
+    #[test]
+    fn the_jwks_url_help_states_the_fetch_limits() {
+        let command = <Cli as clap::CommandFactory>::command();
+        let serve = command.find_subcommand("serve").unwrap();
+        let help = serve
+            .get_arguments()
+            .find(|argument| argument.get_id() == "jwks_url")
+            .and_then(|argument| argument.get_help())
+            .unwrap()
+            .to_string();
+        let size = format!("{} KiB", crate::auth::MAX_JWKS_BYTES / 1024);
+        let time = format!("{} s", crate::auth::JWKS_FETCH_TIMEOUT.as_secs());
+        assert!(help.contains(&size) && help.contains(&time), "{help}");
+    }
+
     /// The README documents every authentication setting `serve` has.
     #[test]
     fn the_readme_names_every_auth_setting() {

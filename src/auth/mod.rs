@@ -203,6 +203,14 @@ impl Authenticator {
     /// everyone, and a JWKS that cannot be loaded at start.
     pub async fn start(settings: &AuthSettings) -> anyhow::Result<Self> {
         let rules = ClaimRules::from_settings(settings);
+        if settings.jwks_url.is_some() || settings.jwks_file.is_some() {
+            anyhow::ensure!(
+                !settings.jwks_refresh_interval.is_zero()
+                    && !settings.jwks_min_refresh_interval.is_zero(),
+                "AUTH_JWKS_REFRESH_INTERVAL and AUTH_JWKS_MIN_REFRESH_INTERVAL must be longer \
+                 than 0s"
+            );
+        }
         let mut origins = Vec::new();
         if let Some(path) = &settings.jwks_file {
             origins.push(Origin::File(path.clone()));
@@ -220,11 +228,6 @@ impl Authenticator {
         for origin in origins {
             jwks.push(Arc::new(JwksSource::load(origin, rules.clone()).await?));
         }
-        anyhow::ensure!(
-            !settings.jwks_refresh_interval.is_zero()
-                && !settings.jwks_min_refresh_interval.is_zero(),
-            "AUTH_JWKS_REFRESH_INTERVAL and AUTH_JWKS_MIN_REFRESH_INTERVAL must be longer than 0s"
-        );
         let refreshers = jwks
             .iter()
             .map(|source| {
