@@ -233,8 +233,8 @@ pub struct ServeSettings {
 #[derive(Debug, Clone, Args)]
 pub struct AuthSettings {
     /// Shared secret for HS256 tokens: not empty (refused at start); under
-    /// 32 bytes (auth::RECOMMENDED_SECRET_LEN, what RFC 7518 asks of an
-    /// HS256 key) the service starts with a warning.
+    /// 32 bytes, what RFC 7518 asks of an HS256 key, the service starts with
+    /// a warning.
     #[arg(
         long = "auth-jwt-hs256-secret",
         env = "AUTH_JWT_HS256_SECRET",
@@ -243,8 +243,8 @@ pub struct AuthSettings {
     pub hs256_secret: Option<String>,
 
     /// PEM public key (RSA, EC P-256/P-384 or Ed25519) for asymmetric
-    /// tokens; read once, at start. Tokens whose kid a JWKS has use the JWKS
-    /// key instead.
+    /// tokens; read once, at start. With a JWKS also set, tokens that name a
+    /// kid are verified with the JWKS only.
     #[arg(long = "auth-jwt-public-key-file", env = "AUTH_JWT_PUBLIC_KEY_FILE")]
     pub public_key_file: Option<PathBuf>,
 

@@ -1136,10 +1136,11 @@ async fn each_command_lists_only_its_flags() {
             "serve lists {flag}"
         );
     }
-    // The HS256 secret's rule, as the server applies it.
+    // The HS256 secret's rule, as the server and token apply it.
     let rule = format!(
         "under {} bytes",
         channel_assignment::auth::RECOMMENDED_SECRET_LEN
     );
     assert!(serve.contains(&rule), "{serve}");
+    assert!(help("token").await.contains(&rule));
 }
