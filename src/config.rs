@@ -13,14 +13,25 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+}
 
+/// How a command that logs writes its log lines.
+#[derive(Debug, Clone, Args)]
+pub struct LogSettings {
     /// How log lines are written.
-    #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+}
+
+/// Logs and trace export, for the commands that serve.
+#[derive(Debug, Clone, Args)]
+pub struct TelemetrySettings {
+    #[command(flatten)]
+    pub log: LogSettings,
 
     /// OTLP/gRPC endpoint (e.g. http://otel-collector:4317) to export trace
     /// spans to. Off when unset.
-    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT", global = true)]
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
     pub otlp_endpoint: Option<String>,
 }
 
@@ -49,16 +60,43 @@ pub enum Command {
         .env("DEV_DATABASE_URL")
         .help("PostgreSQL connection string of dev's own database [default: postgres://postgres@127.0.0.1:5432/channel_assignment_dev]")))]
     Dev(ServeSettings),
-    /// Print an HS256 token for an organization, signed with AUTH_JWT_HS256_SECRET.
+    /// Print an HS256 token for an organization, signed with
+    /// AUTH_JWT_HS256_SECRET; refuses (exit 1) what the server would refuse.
     Token(TokenSettings),
 }
 
+impl Command {
+    /// How the command logs; `token` does not.
+    pub fn log_format(&self) -> LogFormat {
+        match self {
+            Self::Serve(settings) | Self::Dev(settings) => settings.telemetry.log.log_format,
+            Self::Migrate(settings) => settings.log.log_format,
+            Self::Token(_) => LogFormat::Text,
+        }
+    }
+
+    /// Where the command exports trace spans: only the commands that serve.
+    pub fn otlp_endpoint(&self) -> Option<&str> {
+        match self {
+            Self::Serve(settings) | Self::Dev(settings) => {
+                settings.telemetry.otlp_endpoint.as_deref()
+            }
+            Self::Migrate(_) | Self::Token(_) => None,
+        }
+    }
+}
+
+const DATABASE_URL_HELP: &str = "PostgreSQL connection string.";
+
+/// What `migrate` uses, and nothing it would ignore.
 #[derive(Debug, Clone, Args)]
 pub struct MigrateSettings {
-    /// PostgreSQL connection string of a role that may change the schema
-    /// (the tables' owner).
-    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true, help = DATABASE_URL_HELP)]
     pub database_url: Option<String>,
+
+    /// How long to wait for the connection to the database.
+    #[arg(long, env = "DATABASE_ACQUIRE_TIMEOUT", default_value = "2s", value_parser = humantime::parse_duration)]
+    pub database_acquire_timeout: Duration,
 
     /// The role `serve` connects as, when it is not the owner: granted
     /// exactly what the service needs on every table (schema usage; select,
@@ -67,15 +105,13 @@ pub struct MigrateSettings {
     #[arg(long, env = "DATABASE_APP_ROLE")]
     pub app_role: Option<String>,
 
-    /// How long to wait for the database connection.
-    #[arg(long, env = "DATABASE_ACQUIRE_TIMEOUT", default_value = "2s", value_parser = humantime::parse_duration)]
-    pub database_acquire_timeout: Duration,
+    #[command(flatten)]
+    pub log: LogSettings,
 }
 
 #[derive(Debug, Clone, Args)]
 pub struct DatabaseSettings {
-    /// PostgreSQL connection string.
-    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true, help = DATABASE_URL_HELP)]
     pub database_url: Option<String>,
 
     /// Most connections the service opens.
@@ -95,6 +131,9 @@ pub struct ServeSettings {
 
     #[command(flatten)]
     pub auth: AuthSettings,
+
+    #[command(flatten)]
+    pub telemetry: TelemetrySettings,
 
     /// Address the gRPC server listens on: host:port, [v6]:port, or :port
     /// for all IPv4 interfaces.
@@ -208,8 +247,9 @@ pub struct ServeSettings {
 
 #[derive(Debug, Clone, Args)]
 pub struct AuthSettings {
-    /// Shared secret for HS256 tokens (not empty; under 32 bytes starts
-    /// with a warning, as RFC 7518 asks for 32).
+    /// Shared secret for HS256 tokens: not empty (refused at start); under
+    /// 32 bytes, what RFC 7518 asks of an HS256 key, the service starts with
+    /// a warning.
     #[arg(
         long = "auth-jwt-hs256-secret",
         env = "AUTH_JWT_HS256_SECRET",
@@ -217,9 +257,39 @@ pub struct AuthSettings {
     )]
     pub hs256_secret: Option<String>,
 
-    /// PEM public key (RSA, EC P-256/P-384 or Ed25519) for asymmetric tokens.
+    /// PEM public key (RSA, EC P-256/P-384 or Ed25519) for asymmetric
+    /// tokens; read once, at start. With a JWKS also set, tokens that name a
+    /// kid are verified with the JWKS only.
     #[arg(long = "auth-jwt-public-key-file", env = "AUTH_JWT_PUBLIC_KEY_FILE")]
     pub public_key_file: Option<PathBuf>,
+
+    /// URL (https://…) of the identity provider's JWKS, whose public keys
+    /// verify asymmetric tokens, chosen by the token's kid. Fetched at start
+    /// (the service does not start without it), then again in the
+    /// background (AUTH_JWKS_REFRESH_INTERVAL, and when a token names an
+    /// unknown kid); a failed fetch keeps the last good keys. At most 256 KiB,
+    /// within 5 s.
+    #[arg(long = "auth-jwks-url", env = "AUTH_JWKS_URL", value_parser = parse_jwks_url)]
+    pub jwks_url: Option<url::Url>,
+
+    /// A JWKS file ({"keys": [...]}) holding one or more public keys, chosen
+    /// by the token's kid. Must load at start; read again like
+    /// AUTH_JWKS_URL, so a mounted ConfigMap or Secret rotates keys without
+    /// a restart.
+    #[arg(long = "auth-jwks-file", env = "AUTH_JWKS_FILE")]
+    pub jwks_file: Option<PathBuf>,
+
+    /// How often the JWKS (URL or file) is loaded again. A key removed from
+    /// it stops verifying tokens, remembered ones included, at the first
+    /// load after its removal.
+    #[arg(long = "auth-jwks-refresh-interval", env = "AUTH_JWKS_REFRESH_INTERVAL", default_value = "5m", value_parser = humantime::parse_duration)]
+    pub jwks_refresh_interval: Duration,
+
+    /// Least time between two loads of the JWKS asked for by tokens with an
+    /// unknown kid: however many come, one load per this time at most (such
+    /// a token is refused; once the load brings its key, it is accepted).
+    #[arg(long = "auth-jwks-min-refresh-interval", env = "AUTH_JWKS_MIN_REFRESH_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub jwks_min_refresh_interval: Duration,
 
     /// Required `iss` claim, when set.
     #[arg(long = "auth-jwt-issuer", env = "AUTH_JWT_ISSUER")]
@@ -246,7 +316,8 @@ pub struct AuthSettings {
 
 #[derive(Debug, Clone, Args)]
 pub struct TokenSettings {
-    /// The organization the token speaks for (the org_id claim).
+    /// The organization the token speaks for (the org_id claim): 1-64 ASCII
+    /// letters, digits, '_' or '-'.
     #[arg(long)]
     pub org_id: String,
 
@@ -254,16 +325,21 @@ pub struct TokenSettings {
     #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
     pub ttl: Duration,
 
+    /// The secret to sign with: the server's AUTH_JWT_HS256_SECRET (not
+    /// empty; under 32 bytes the token is printed with a warning, as the
+    /// server starts with one).
     #[arg(
         long = "auth-jwt-hs256-secret",
         env = "AUTH_JWT_HS256_SECRET",
         hide_env_values = true
     )]
-    pub hs256_secret: String,
+    pub hs256_secret: Option<String>,
 
+    /// The iss claim: the server's AUTH_JWT_ISSUER, which it requires when set.
     #[arg(long = "auth-jwt-issuer", env = "AUTH_JWT_ISSUER")]
     pub issuer: Option<String>,
 
+    /// The aud claim: the server's AUTH_JWT_AUDIENCE, which it requires when set.
     #[arg(long = "auth-jwt-audience", env = "AUTH_JWT_AUDIENCE")]
     pub audience: Option<String>,
 
@@ -284,6 +360,12 @@ impl ServeSettings {
                 database_acquire_timeout: Duration::from_secs(2),
             },
             auth,
+            telemetry: TelemetrySettings {
+                log: LogSettings {
+                    log_format: LogFormat::Text,
+                },
+                otlp_endpoint: None,
+            },
             grpc_listen_addr: "127.0.0.1:0".to_owned(),
             metrics_listen_addr: Some("127.0.0.1:0".to_owned()),
             max_concurrent_requests: 256,
@@ -312,11 +394,24 @@ impl AuthSettings {
         Self {
             hs256_secret: Some(secret.into()),
             public_key_file: None,
+            jwks_url: None,
+            jwks_file: None,
+            jwks_refresh_interval: Duration::from_secs(5 * 60),
+            jwks_min_refresh_interval: Duration::from_secs(30),
             issuer: None,
             audience: None,
             leeway_seconds: 5,
             trusted_header: false,
         }
+    }
+}
+
+/// An http(s) URL: the JWKS is fetched with nothing else.
+fn parse_jwks_url(raw: &str) -> Result<url::Url, String> {
+    let url = url::Url::parse(raw).map_err(|error| format!("not a URL: {error}"))?;
+    match url.scheme() {
+        "https" | "http" => Ok(url),
+        other => Err(format!("{other}: URLs are fetched over https (or http)")),
     }
 }
 
@@ -347,6 +442,76 @@ mod tests {
         assert_eq!(parse_listen_address("localhost:1").unwrap(), "localhost:1");
         assert!(parse_listen_address("localhost").is_err());
         assert!(parse_listen_address("0.0.0.0:http").is_err());
+    }
+
+    fn serve_settings(args: &[&str]) -> ServeSettings {
+        let cli = Cli::try_parse_from(["channel-assignment", "serve"].iter().chain(args)).unwrap();
+        let Command::Serve(settings) = cli.command else {
+            panic!("serve")
+        };
+        settings
+    }
+
+    #[test]
+    fn auth_settings_for_tests_have_the_flags_defaults() {
+        let parsed = serve_settings(&[]).auth;
+        let built = AuthSettings::hs256("secret");
+        assert_eq!(parsed.leeway_seconds, built.leeway_seconds);
+        assert_eq!(parsed.jwks_refresh_interval, built.jwks_refresh_interval);
+        assert_eq!(
+            parsed.jwks_min_refresh_interval,
+            built.jwks_min_refresh_interval
+        );
+    }
+
+    #[test]
+    fn jwks_urls_are_http_or_https() {
+        let settings = serve_settings(&["--auth-jwks-url", "https://idp.example/jwks.json"]);
+        assert_eq!(
+            settings.auth.jwks_url.unwrap().as_str(),
+            "https://idp.example/jwks.json"
+        );
+        for refused in ["file:///etc/jwks.json", "idp.example/jwks.json", ""] {
+            assert!(
+                Cli::try_parse_from(["channel-assignment", "serve", "--auth-jwks-url", refused])
+                    .is_err(),
+                "{refused}"
+            );
+        }
+    }
+
+    /// The limits `--help` states for a JWKS fetch are the code's.
+    #[test]
+    fn the_jwks_url_help_states_the_fetch_limits() {
+        let command = <Cli as clap::CommandFactory>::command();
+        let serve = command.find_subcommand("serve").unwrap();
+        let help = serve
+            .get_arguments()
+            .find(|argument| argument.get_id() == "jwks_url")
+            .and_then(|argument| argument.get_help())
+            .unwrap()
+            .to_string();
+        let size = format!("{} KiB", crate::auth::MAX_JWKS_BYTES / 1024);
+        let time = format!("{} s", crate::auth::JWKS_FETCH_TIMEOUT.as_secs());
+        assert!(help.contains(&size) && help.contains(&time), "{help}");
+    }
+
+    /// The README documents every authentication setting `serve` has.
+    #[test]
+    fn the_readme_names_every_auth_setting() {
+        let readme = include_str!("../README.md");
+        let command = <Cli as clap::CommandFactory>::command();
+        let serve = command.find_subcommand("serve").unwrap();
+        let variables: Vec<String> = serve
+            .get_arguments()
+            .filter_map(|argument| argument.get_env())
+            .map(|env| env.to_string_lossy().into_owned())
+            .filter(|env| env.starts_with("AUTH_"))
+            .collect();
+        assert!(variables.len() >= 10, "{variables:?}");
+        for variable in variables {
+            assert!(readme.contains(&format!("`{variable}`")), "{variable}");
+        }
     }
 
     #[test]

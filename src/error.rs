@@ -25,8 +25,10 @@ pub enum ServiceError {
     /// No usable credentials. The detail is safe to show the caller.
     #[error("unauthenticated: {0}")]
     Unauthenticated(&'static str),
-    #[error("the credentials carry no valid organization id")]
-    OrganizationIdMissing,
+    /// No single valid organization id. The detail says what is wrong with
+    /// it and is safe to show the caller.
+    #[error("the credentials carry no valid organization id: {0}")]
+    OrganizationIdMissing(&'static str),
     /// The trusted header and the bearer token name different organizations.
     #[error("the credentials name two organizations")]
     ConflictingOrganizations,
@@ -116,7 +118,7 @@ impl ServiceError {
         match self {
             Self::Unauthenticated(_) => "UNAUTHENTICATED",
             // No single valid organization id: the contract's 403 reason.
-            Self::OrganizationIdMissing | Self::ConflictingOrganizations => {
+            Self::OrganizationIdMissing(_) | Self::ConflictingOrganizations => {
                 "ORGANIZATION_ID_MISSING"
             }
             Self::InvalidArgument(_) => "INVALID_ARGUMENT",
@@ -152,7 +154,7 @@ impl ServiceError {
     fn code_and_http_status(&self) -> (Code, u16) {
         match self {
             Self::Unauthenticated(_) => (Code::Unauthenticated, 401),
-            Self::OrganizationIdMissing | Self::ConflictingOrganizations => {
+            Self::OrganizationIdMissing(_) | Self::ConflictingOrganizations => {
                 (Code::PermissionDenied, 403)
             }
             Self::InvalidArgument(_) => (Code::InvalidArgument, 422),
@@ -185,9 +187,7 @@ impl ServiceError {
     fn message(&self) -> String {
         match self {
             Self::Unauthenticated(detail) => format!("unauthenticated: {detail}"),
-            Self::OrganizationIdMissing => {
-                "the token carries no valid organization id (org_id)".to_owned()
-            }
+            Self::OrganizationIdMissing(detail) => (*detail).to_owned(),
             Self::ConflictingOrganizations => {
                 "the bearer token names another organization than x-organization-id".to_owned()
             }

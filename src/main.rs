@@ -3,7 +3,7 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use channel_assignment::{
     MIGRATOR, auth,
-    config::{Cli, Command, DatabaseSettings},
+    config::{Cli, Command},
     dev, startup,
     store::{
         database::Database,
@@ -22,7 +22,8 @@ fn main() -> ExitCode {
         .and_then(|runtime| {
             runtime.block_on(async {
                 // Inside the runtime: the span exporter runs on it.
-                let telemetry = telemetry::init(cli.log_format, cli.otlp_endpoint.as_deref())?;
+                let telemetry =
+                    telemetry::init(cli.command.log_format(), cli.command.otlp_endpoint())?;
                 let outcome = run(cli.command).await;
                 telemetry.shutdown();
                 outcome
@@ -41,10 +42,7 @@ fn main() -> ExitCode {
 async fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Migrate(settings) => {
-            let url = settings
-                .database_url
-                .as_deref()
-                .context("DATABASE_URL (or --database-url) is required")?;
+            let url = required_database_url(settings.database_url.as_deref())?;
             let pool = sqlx::postgres::PgPoolOptions::new()
                 .max_connections(1)
                 .acquire_timeout(settings.database_acquire_timeout)
@@ -70,7 +68,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Serve(settings) => {
-            let url = required_database_url(&settings.database)?;
+            let url = required_database_url(settings.database.database_url.as_deref())?;
             let options = startup::connect_options(url, settings.request_timeout)?;
             let database = Database::new(options, &settings.database)?;
             let application = startup::Application::build(settings, database).await?;
@@ -78,25 +76,18 @@ async fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::Dev(settings) => dev::run(settings, shutdown_signal()).await,
         Command::Token(settings) => {
-            let token = auth::mint_hs256_token(
-                &settings.hs256_secret,
-                &settings.org_id,
-                settings.ttl,
-                settings.issuer.as_deref(),
-                settings.audience.as_deref(),
-                &settings.scope,
-            )?;
-            println!("{token}");
+            let minted = auth::token_command(&settings)?;
+            for warning in minted.warnings {
+                eprintln!("channel-assignment: warning: {warning}");
+            }
+            println!("{}", minted.token);
             Ok(())
         }
     }
 }
 
-fn required_database_url(database: &DatabaseSettings) -> anyhow::Result<&str> {
-    database
-        .database_url
-        .as_deref()
-        .context("DATABASE_URL (or --database-url) is required")
+fn required_database_url(database_url: Option<&str>) -> anyhow::Result<&str> {
+    database_url.context("DATABASE_URL (or --database-url) is required")
 }
 
 /// Completes on SIGTERM (Kubernetes) or SIGINT (Ctrl-C).

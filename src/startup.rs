@@ -79,7 +79,7 @@ pub struct Application {
 impl Application {
     /// Checks the settings and binds the listener; serving starts with `run`.
     pub async fn build(settings: ServeSettings, database: Database) -> anyhow::Result<Self> {
-        let authenticator = Arc::new(Authenticator::from_settings(&settings.auth)?);
+        let authenticator = Arc::new(Authenticator::start(&settings.auth).await?);
         let listener = TcpListener::bind(settings.grpc_listen_addr.as_str())
             .await
             .with_context(|| format!("cannot listen on {}", settings.grpc_listen_addr))?;

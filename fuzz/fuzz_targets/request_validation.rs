@@ -246,7 +246,7 @@ fuzz_target!(|data: &[u8]| {
     match authenticator.authenticate(&metadata) {
         Ok(_)
         | Err(ServiceError::Unauthenticated(_))
-        | Err(ServiceError::OrganizationIdMissing) => {}
+        | Err(ServiceError::OrganizationIdMissing(_)) => {}
         Err(other) => panic!("authentication answered {other:?}"),
     }
 });

@@ -14,6 +14,7 @@ mod helpers;
 mod hostile;
 mod inventory;
 mod isolation;
+mod jwks;
 mod load;
 mod metrics;
 mod migrations;

@@ -2,17 +2,33 @@
 //!
 //! Runs as the `ChannelAssignment` interceptor only, so health checks,
 //! reflection and Kubernetes probes need no token.
+//!
+//! - `keys`: verification keys and the algorithms each accepts.
+//! - `jwks`: key sets from `AUTH_JWKS_FILE` / `AUTH_JWKS_URL`, loaded again
+//!   in the background (key rotation).
+//! - `mint`: HS256 tokens for `dev`, `token` and tests.
 
-use std::{fs, path::Path};
+mod jwks;
+mod keys;
+mod mint;
+
+use std::{str::FromStr as _, sync::Arc};
 
 use anyhow::Context as _;
-use jsonwebtoken::{Algorithm, DecodingKey, Validation, errors::ErrorKind};
+use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
+use jsonwebtoken::{Algorithm, errors::ErrorKind};
 use serde::Deserialize;
+use tokio_util::task::AbortOnDropHandle;
 use tonic::metadata::MetadataMap;
 
 use crate::config::AuthSettings;
 use crate::domain::OrganizationId;
 use crate::error::ServiceError;
+
+pub use jwks::{JWKS_FETCH_TIMEOUT, MAX_JWKS_BYTES};
+use jwks::{JwksSource, Origin};
+use keys::{ClaimRules, Key};
+pub use mint::{Minted, mint_hs256_token, token_command};
 
 pub const TRUSTED_ORGANIZATION_HEADER: &str = "x-organization-id";
 /// With the trusted header: the caller's scopes, as the gateway passes them.
@@ -29,7 +45,7 @@ pub const INVENTORY_SCOPE: &str = "channels.inventory";
 pub const MAX_TOKEN_LEN: usize = 8 * 1024;
 
 /// RFC 7518 §3.2: an HS256 key of at least the hash's size, 256 bits.
-const RECOMMENDED_SECRET_LEN: usize = 32;
+pub const RECOMMENDED_SECRET_LEN: usize = 32;
 
 /// Bytes of verified tokens remembered (token lengths plus a fixed overhead
 /// each): thousands of typical tokens, far more than the callers of one
@@ -38,15 +54,26 @@ const VERIFIED_TOKENS_BYTES: u64 = 4 * 1024 * 1024;
 /// A typical token and its entry, to size the cache's table.
 const TYPICAL_VERIFIED_TOKEN_BYTES: u64 = 512;
 
-/// A verifier for one key: the algorithms it accepts and the claims it checks.
-struct Verifier {
-    key: DecodingKey,
-    validation: Validation,
+/// The one rule for an HS256 secret, which `serve` and `token` both apply:
+/// an empty one is refused; a short one is taken, with the warning returned
+/// (refusing would break deployments that share an existing secret with
+/// their identity provider).
+pub fn check_hs256_secret(secret: &str) -> anyhow::Result<Option<String>> {
+    anyhow::ensure!(!secret.is_empty(), "AUTH_JWT_HS256_SECRET is empty");
+    Ok((secret.len() < RECOMMENDED_SECRET_LEN).then(|| {
+        format!(
+            "AUTH_JWT_HS256_SECRET is {} bytes long, shorter than the \
+             {RECOMMENDED_SECRET_LEN} bytes RFC 7518 asks of an HS256 key",
+            secret.len()
+        )
+    }))
 }
 
 pub struct Authenticator {
-    hs256: Option<Verifier>,
-    public_key: Option<Verifier>,
+    hs256: Option<Arc<Key>>,
+    public_key: Option<Arc<Key>>,
+    /// `AUTH_JWKS_FILE` and `AUTH_JWKS_URL`, when set: keys chosen by `kid`.
+    jwks: Vec<Arc<JwksSource>>,
     trusted_header: bool,
     leeway_seconds: u64,
     /// Tokens that passed verification, so that a caller's token, sent again
@@ -54,11 +81,14 @@ pub struct Authenticator {
     /// check (about 10 µs for HS256 on the benchmark machine; an RSA
     /// signature costs far more). Keyed by the whole token: any other byte
     /// string misses and is verified. An entry serves only until the token's
-    /// `exp` (plus leeway); after that the token is verified again and
-    /// refused as expired. The keys do not change while the process runs, so
-    /// a verification stays true for the entry's life. Only tokens that name a
-    /// well-formed organization are kept; refusals are never cached.
+    /// `exp` (plus leeway), and only while the key that verified it is still
+    /// in use: a key that leaves its JWKS is retired at the load that sees it
+    /// gone, and the tokens it verified are verified again (and refused).
+    /// Only tokens that name a well-formed organization are kept; refusals
+    /// are never cached.
     verified: quick_cache::sync::Cache<Box<str>, VerifiedToken, TokenBytes>,
+    /// The tasks that load the JWKS again; they end with the authenticator.
+    _refreshers: Vec<AbortOnDropHandle<()>>,
 }
 
 /// Who is calling: their organization, the OAuth 2 scopes their credentials
@@ -85,6 +115,8 @@ struct VerifiedToken {
     subject: Option<Box<str>>,
     /// Seconds since the Unix epoch, as `exp` is.
     usable_before: u64,
+    /// The key that verified it.
+    key: Arc<Key>,
 }
 
 /// Weighs a remembered token by its size, so that the cache's memory is
@@ -121,43 +153,149 @@ struct Claims {
     sub: Option<serde_json::Value>,
 }
 
+/// The token header's fields that choose the key, read before any key is.
+#[derive(Deserialize)]
+struct Header {
+    alg: String,
+    #[serde(default)]
+    kid: Option<String>,
+}
+
+/// Why a token is refused, as the caller reads it (`unauthenticated: …`):
+/// what failed, never the token or a key.
+mod refusal {
+    pub const NOT_A_JWT: &str = "malformed token: a JWT is three base64url parts separated by dots";
+    pub const MALFORMED_HEADER: &str =
+        "malformed token header: not base64url JSON with a string alg (and kid)";
+    pub const MALFORMED: &str = "malformed token: not base64url";
+    pub const MALFORMED_CLAIMS: &str = "malformed token claims: not a JSON object";
+    pub const ALG_NONE: &str = "token algorithm 'none' is not accepted: the token is unsigned";
+    pub const ALG_UNKNOWN: &str = "token algorithm is not one this service knows";
+    pub const HMAC_NOT_HS256: &str =
+        "token algorithm not accepted: shared-secret tokens must be HS256";
+    pub const NO_SECRET: &str =
+        "HS256 tokens are not accepted here: no shared secret is configured";
+    pub const NO_PUBLIC_KEY: &str =
+        "asymmetric tokens are not accepted here: no public key or JWKS is configured";
+    pub const UNKNOWN_KID: &str = "unknown key id (kid): no key of the JWKS has it";
+    pub const KID_MISSING: &str =
+        "token has no key id (kid), which is needed to choose among the JWKS keys";
+    pub const ALG_NOT_FOR_KEY: &str = "token algorithm does not match its key";
+    pub const NO_KEY_FOR_ALG: &str = "no configured key takes the token's algorithm";
+    pub const BAD_SIGNATURE: &str = "bad token signature";
+    pub const EXPIRED: &str = "token expired";
+    pub const NOT_YET_VALID: &str = "token not yet valid (nbf)";
+    pub const WRONG_ISSUER: &str = "wrong token issuer";
+    pub const WRONG_AUDIENCE: &str = "wrong token audience";
+    pub const NO_EXP: &str = "token has no numeric exp claim, which is required";
+    pub const NO_ISS: &str = "token has no iss claim, which is required here";
+    pub const NO_AUD: &str = "token has no aud claim, which is required here";
+    pub const MALFORMED_NBF: &str = "token nbf claim is not a number";
+    pub const UNVERIFIABLE: &str = "token could not be verified";
+    pub const TOO_LONG: &str = "token longer than 8192 bytes";
+    const _: () = assert!(super::MAX_TOKEN_LEN == 8192, "TOO_LONG names the limit");
+}
+
 impl Authenticator {
-    /// Refuses settings under which no caller could be authenticated, rather
-    /// than serving everyone.
+    /// Checks the settings, loads every key (fetching `AUTH_JWKS_URL` once)
+    /// and starts loading the JWKS again in the background. Refuses settings
+    /// under which no caller could be authenticated, rather than serving
+    /// everyone, and a JWKS that cannot be loaded at start.
+    pub async fn start(settings: &AuthSettings) -> anyhow::Result<Self> {
+        let rules = ClaimRules::from_settings(settings);
+        if settings.jwks_url.is_some() || settings.jwks_file.is_some() {
+            anyhow::ensure!(
+                !settings.jwks_refresh_interval.is_zero()
+                    && !settings.jwks_min_refresh_interval.is_zero(),
+                "AUTH_JWKS_REFRESH_INTERVAL and AUTH_JWKS_MIN_REFRESH_INTERVAL must be longer \
+                 than 0s"
+            );
+        }
+        let mut origins = Vec::new();
+        if let Some(path) = &settings.jwks_file {
+            origins.push(Origin::File(path.clone()));
+        }
+        if let Some(url) = &settings.jwks_url {
+            if url.scheme() != "https" && !is_loopback(url) {
+                tracing::warn!(
+                    url = %url,
+                    "AUTH_JWKS_URL is plain HTTP: whoever can change it in transit can mint tokens"
+                );
+            }
+            origins.push(Origin::url(url)?);
+        }
+        let mut jwks = Vec::new();
+        for origin in origins {
+            jwks.push(Arc::new(JwksSource::load(origin, rules.clone()).await?));
+        }
+        let refreshers = jwks
+            .iter()
+            .map(|source| {
+                Arc::clone(source).refresh_in_background(
+                    settings.jwks_refresh_interval,
+                    settings.jwks_min_refresh_interval,
+                )
+            })
+            .collect();
+        Self::assemble(settings, rules, jwks, refreshers)
+    }
+
+    /// As `start`, without a runtime: for settings without `AUTH_JWKS_URL`
+    /// and `AUTH_JWKS_FILE` (unit tests, fuzzing).
     pub fn from_settings(settings: &AuthSettings) -> anyhow::Result<Self> {
+        anyhow::ensure!(
+            settings.jwks_url.is_none() && settings.jwks_file.is_none(),
+            "a JWKS is loaded by Authenticator::start"
+        );
+        Self::assemble(
+            settings,
+            ClaimRules::from_settings(settings),
+            Vec::new(),
+            Vec::new(),
+        )
+    }
+
+    fn assemble(
+        settings: &AuthSettings,
+        rules: ClaimRules,
+        jwks: Vec<Arc<JwksSource>>,
+        refreshers: Vec<AbortOnDropHandle<()>>,
+    ) -> anyhow::Result<Self> {
         let hs256 = match settings.hs256_secret.as_deref() {
             None => None,
-            Some("") => anyhow::bail!("AUTH_JWT_HS256_SECRET is empty"),
             Some(secret) => {
-                if secret.len() < RECOMMENDED_SECRET_LEN {
-                    // Refusing would break deployments that share an existing
-                    // secret with their identity provider; say it loudly.
-                    tracing::warn!(
-                        length = secret.len(),
-                        "AUTH_JWT_HS256_SECRET is shorter than {RECOMMENDED_SECRET_LEN} bytes, \
-                         which RFC 7518 asks of an HS256 key"
-                    );
+                if let Some(warning) = check_hs256_secret(secret)? {
+                    tracing::warn!("{warning}");
                 }
-                Some(Verifier {
-                    key: DecodingKey::from_secret(secret.as_bytes()),
-                    validation: validation(&[Algorithm::HS256], settings),
-                })
+                Some(Arc::new(Key::hs256(secret, &rules)))
             }
         };
-        let public_key = settings
-            .public_key_file
-            .as_deref()
-            .map(|path| load_public_key(path, settings))
-            .transpose()?;
-        if hs256.is_none() && public_key.is_none() && !settings.trusted_header {
+        let public_key = match settings.public_key_file.as_deref() {
+            None => None,
+            Some(path) => {
+                let pem = std::fs::read(path).with_context(|| {
+                    format!("cannot read AUTH_JWT_PUBLIC_KEY_FILE {}", path.display())
+                })?;
+                let key = Key::from_pem(&pem, &rules).with_context(|| {
+                    format!(
+                        "AUTH_JWT_PUBLIC_KEY_FILE {} is not a PEM RSA, EC or Ed25519 public key",
+                        path.display()
+                    )
+                })?;
+                Some(Arc::new(key))
+            }
+        };
+        if hs256.is_none() && public_key.is_none() && jwks.is_empty() && !settings.trusted_header {
             anyhow::bail!(
                 "no way to authenticate callers is configured: set AUTH_JWT_HS256_SECRET, \
-                 AUTH_JWT_PUBLIC_KEY_FILE, or AUTH_TRUSTED_HEADER=true behind a trusted gateway"
+                 AUTH_JWT_PUBLIC_KEY_FILE, AUTH_JWKS_URL, AUTH_JWKS_FILE, or \
+                 AUTH_TRUSTED_HEADER=true behind a trusted gateway"
             );
         }
         Ok(Self {
             hs256,
             public_key,
+            jwks,
             trusted_header: settings.trusted_header,
             leeway_seconds: settings.leeway_seconds,
             verified: quick_cache::sync::Cache::with_weighter(
@@ -165,6 +303,7 @@ impl Authenticator {
                 VERIFIED_TOKENS_BYTES,
                 TokenBytes,
             ),
+            _refreshers: refreshers,
         })
     }
 
@@ -207,26 +346,37 @@ impl Authenticator {
     fn caller_from_token(&self, metadata: &MetadataMap) -> Result<Caller, ServiceError> {
         let token = bearer_token(metadata)?;
         if token.len() > MAX_TOKEN_LEN {
-            return Err(ServiceError::Unauthenticated(
-                "token longer than 8192 bytes",
-            ));
+            return Err(ServiceError::Unauthenticated(refusal::TOO_LONG));
         }
         let now = jsonwebtoken::get_current_timestamp();
-        if let Some(verified) = self.verified.get(token)
-            && now < verified.usable_before
-        {
-            return Ok(Caller {
-                organization: verified.organization,
-                scope: verified.scope,
-                subject: verified.subject,
-            });
+        if let Some(verified) = self.verified.get(token) {
+            if now < verified.usable_before && !verified.key.is_retired() {
+                return Ok(Caller {
+                    organization: verified.organization,
+                    scope: verified.scope,
+                    subject: verified.subject,
+                });
+            }
+            self.verified.remove(token);
         }
-        let claims = self.verify(token)?;
+        let (claims, key) = self.verify(token).map_err(ServiceError::Unauthenticated)?;
         let organization = match claims.org_id {
             Some(serde_json::Value::String(raw)) => {
-                OrganizationId::parse(&raw).ok_or(ServiceError::OrganizationIdMissing)?
+                OrganizationId::parse(&raw).ok_or(ServiceError::OrganizationIdMissing(
+                    "the token's org_id is not an organization id: 1-64 ASCII letters, \
+                     digits, '_' or '-'",
+                ))?
             }
-            _ => return Err(ServiceError::OrganizationIdMissing),
+            None | Some(serde_json::Value::Null) => {
+                return Err(ServiceError::OrganizationIdMissing(
+                    "the token carries no organization id (org_id claim)",
+                ));
+            }
+            Some(_) => {
+                return Err(ServiceError::OrganizationIdMissing(
+                    "the token's org_id is not a string",
+                ));
+            }
         };
         let scope: Box<str> = match &claims.scope {
             Some(serde_json::Value::String(scope)) => scope.as_str().into(),
@@ -246,6 +396,7 @@ impl Authenticator {
                     scope: scope.clone(),
                     subject: subject.clone(),
                     usable_before: exp.saturating_add(self.leeway_seconds),
+                    key,
                 },
             );
         }
@@ -256,32 +407,111 @@ impl Authenticator {
         })
     }
 
-    fn verify(&self, token: &str) -> Result<Claims, ServiceError> {
-        const INVALID: ServiceError = ServiceError::Unauthenticated("invalid token");
-        // `alg: none` and unknown algorithms fail here: jsonwebtoken has no
-        // such variant.
-        let header = jsonwebtoken::decode_header(token).map_err(|_| INVALID)?;
-        // The key is chosen by the algorithm's family, so a token cannot make
-        // the public key serve as an HMAC secret (algorithm confusion).
-        let verifier = match header.alg {
-            Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512 => self.hs256.as_ref(),
-            _ => self.public_key.as_ref(),
+    /// The token's claims and the key that verified them, or what failed.
+    fn verify(&self, token: &str) -> Result<(Claims, Arc<Key>), &'static str> {
+        let header = read_header(token)?;
+        // `none` and names jsonwebtoken does not know have no variant.
+        if header.alg.eq_ignore_ascii_case("none") {
+            return Err(refusal::ALG_NONE);
         }
-        .ok_or(INVALID)?;
-        jsonwebtoken::decode::<Claims>(token, &verifier.key, &verifier.validation)
-            .map(|data| data.claims)
-            .map_err(|error| match error.kind() {
-                ErrorKind::ExpiredSignature => ServiceError::Unauthenticated("token expired"),
-                ErrorKind::ImmatureSignature => {
-                    ServiceError::Unauthenticated("token not yet valid")
+        let algorithm = Algorithm::from_str(&header.alg).map_err(|_| refusal::ALG_UNKNOWN)?;
+        // The key is chosen by the algorithm's family first, so a token
+        // cannot make a public key serve as an HMAC secret (algorithm
+        // confusion); a `kid` only chooses among public keys.
+        let key = match algorithm {
+            Algorithm::HS256 => self.hs256.clone().ok_or(refusal::NO_SECRET)?,
+            Algorithm::HS384 | Algorithm::HS512 => return Err(refusal::HMAC_NOT_HS256),
+            _ => self.public_key_for(algorithm, header.kid.as_deref())?,
+        };
+        if !key.accepts(algorithm) {
+            return Err(refusal::ALG_NOT_FOR_KEY);
+        }
+        let claims = key
+            .decode::<Claims>(token)
+            .map_err(|error| refusal_of(&error))?;
+        Ok((claims, key))
+    }
+
+    /// The public key for an asymmetric token: the JWKS key of its `kid`
+    /// when a JWKS is configured and the token names one; else the PEM key;
+    /// else the one JWKS key that takes its algorithm.
+    fn public_key_for(
+        &self,
+        algorithm: Algorithm,
+        kid: Option<&str>,
+    ) -> Result<Arc<Key>, &'static str> {
+        if let Some(kid) = kid
+            && !self.jwks.is_empty()
+        {
+            let named: Vec<Arc<Key>> = self.jwks.iter().flat_map(|set| set.find(kid)).collect();
+            if named.is_empty() {
+                // Perhaps a key the identity provider has just added.
+                for set in &self.jwks {
+                    set.request_refresh();
                 }
-                ErrorKind::InvalidIssuer => ServiceError::Unauthenticated("wrong token issuer"),
-                ErrorKind::InvalidAudience => ServiceError::Unauthenticated("wrong token audience"),
-                ErrorKind::MissingRequiredClaim(_) => {
-                    ServiceError::Unauthenticated("token lacks a required claim")
-                }
-                _ => INVALID,
-            })
+                return Err(refusal::UNKNOWN_KID);
+            }
+            return named
+                .into_iter()
+                .find(|key| key.accepts(algorithm))
+                .ok_or(refusal::ALG_NOT_FOR_KEY);
+        }
+        if let Some(key) = &self.public_key {
+            return Ok(Arc::clone(key));
+        }
+        if self.jwks.is_empty() {
+            return Err(refusal::NO_PUBLIC_KEY);
+        }
+        let mut candidates = self.jwks.iter().flat_map(|set| set.accepting(algorithm));
+        match (candidates.next(), candidates.next()) {
+            (Some(only), None) => Ok(only),
+            (Some(_), Some(_)) => Err(refusal::KID_MISSING),
+            (None, _) => Err(refusal::NO_KEY_FOR_ALG),
+        }
+    }
+}
+
+fn read_header(token: &str) -> Result<Header, &'static str> {
+    let mut parts = token.split('.');
+    let (Some(header), Some(_claims), Some(_signature), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(refusal::NOT_A_JWT);
+    };
+    let json = URL_SAFE_NO_PAD
+        .decode(header)
+        .map_err(|_| refusal::MALFORMED_HEADER)?;
+    serde_json::from_slice(&json).map_err(|_| refusal::MALFORMED_HEADER)
+}
+
+/// What a refusal by the verifier means to the caller.
+fn refusal_of(error: &jsonwebtoken::errors::Error) -> &'static str {
+    match error.kind() {
+        ErrorKind::InvalidSignature => refusal::BAD_SIGNATURE,
+        ErrorKind::ExpiredSignature => refusal::EXPIRED,
+        ErrorKind::ImmatureSignature => refusal::NOT_YET_VALID,
+        ErrorKind::InvalidIssuer => refusal::WRONG_ISSUER,
+        ErrorKind::InvalidAudience => refusal::WRONG_AUDIENCE,
+        ErrorKind::MissingRequiredClaim(claim) => match claim.as_str() {
+            "iss" => refusal::NO_ISS,
+            "aud" => refusal::NO_AUD,
+            _ => refusal::NO_EXP,
+        },
+        ErrorKind::InvalidClaimFormat(claim) if claim == "nbf" => refusal::MALFORMED_NBF,
+        ErrorKind::InvalidClaimFormat(_) => refusal::NO_EXP,
+        ErrorKind::InvalidAlgorithm => refusal::ALG_NOT_FOR_KEY,
+        ErrorKind::Base64(_) => refusal::MALFORMED,
+        ErrorKind::Json(_) | ErrorKind::Utf8(_) => refusal::MALFORMED_CLAIMS,
+        _ => refusal::UNVERIFIABLE,
+    }
+}
+
+fn is_loopback(url: &url::Url) -> bool {
+    match url.host() {
+        Some(url::Host::Ipv4(address)) => address.is_loopback(),
+        Some(url::Host::Ipv6(address)) => address.is_loopback(),
+        Some(url::Host::Domain(name)) => name == "localhost",
+        None => false,
     }
 }
 
@@ -310,14 +540,19 @@ fn trusted_organization(metadata: &MetadataMap) -> Result<Option<OrganizationId>
         return Ok(None);
     };
     if values.next().is_some() {
-        return Err(ServiceError::OrganizationIdMissing);
+        return Err(ServiceError::OrganizationIdMissing(
+            "more than one x-organization-id header",
+        ));
     }
     value
         .to_str()
         .ok()
         .and_then(OrganizationId::parse)
         .map(Some)
-        .ok_or(ServiceError::OrganizationIdMissing)
+        .ok_or(ServiceError::OrganizationIdMissing(
+            "x-organization-id is not an organization id: 1-64 ASCII letters, digits, \
+             '_' or '-'",
+        ))
 }
 
 fn bearer_token(metadata: &MetadataMap) -> Result<&str, ServiceError> {
@@ -344,105 +579,6 @@ fn bearer_token(metadata: &MetadataMap) -> Result<&str, ServiceError> {
             "authorization must be 'Bearer <token>'",
         )),
     }
-}
-
-fn validation(algorithms: &[Algorithm], settings: &AuthSettings) -> Validation {
-    let mut validation = Validation::new(algorithms[0]);
-    validation.algorithms = algorithms.to_vec();
-    validation.validate_exp = true;
-    validation.validate_nbf = true;
-    validation.leeway = settings.leeway_seconds;
-    // jsonwebtoken checks `iss`/`aud` only when present unless they are
-    // required: a token without them must not pass a configured check.
-    let mut required = vec!["exp"];
-    match &settings.issuer {
-        Some(issuer) => {
-            validation.set_issuer(&[issuer]);
-            required.push("iss");
-        }
-        None => validation.iss = None,
-    }
-    match &settings.audience {
-        Some(audience) => {
-            validation.set_audience(&[audience]);
-            required.push("aud");
-        }
-        // Without a configured audience, a token's `aud` is not checked
-        // (jsonwebtoken would otherwise reject every token that has one).
-        None => validation.validate_aud = false,
-    }
-    validation.set_required_spec_claims(&required);
-    validation
-}
-
-/// Reads a PEM public key and accepts the algorithms of its type: RSA keys
-/// RS*/PS*, EC keys ES256/ES384, Ed25519 keys EdDSA.
-fn load_public_key(path: &Path, settings: &AuthSettings) -> anyhow::Result<Verifier> {
-    let pem = fs::read(path)
-        .with_context(|| format!("cannot read AUTH_JWT_PUBLIC_KEY_FILE {}", path.display()))?;
-    let (key, algorithms): (DecodingKey, &[Algorithm]) =
-        if let Ok(key) = DecodingKey::from_rsa_pem(&pem) {
-            (
-                key,
-                &[
-                    Algorithm::RS256,
-                    Algorithm::RS384,
-                    Algorithm::RS512,
-                    Algorithm::PS256,
-                    Algorithm::PS384,
-                    Algorithm::PS512,
-                ],
-            )
-        } else if let Ok(key) = DecodingKey::from_ec_pem(&pem) {
-            (key, &[Algorithm::ES256, Algorithm::ES384])
-        } else if let Ok(key) = DecodingKey::from_ed_pem(&pem) {
-            (key, &[Algorithm::EdDSA])
-        } else {
-            anyhow::bail!(
-                "AUTH_JWT_PUBLIC_KEY_FILE {} is not a PEM RSA, EC or Ed25519 public key",
-                path.display()
-            );
-        };
-    Ok(Verifier {
-        key,
-        validation: validation(algorithms, settings),
-    })
-}
-
-/// Signs an HS256 token for `organization`, as an identity provider would;
-/// for `dev`, the `token` command and tests.
-pub fn mint_hs256_token(
-    secret: &str,
-    organization: &str,
-    ttl: std::time::Duration,
-    issuer: Option<&str>,
-    audience: Option<&str>,
-    scopes: &[String],
-) -> anyhow::Result<String> {
-    let now = chrono::Utc::now().timestamp();
-    let ttl = i64::try_from(ttl.as_secs()).context("token lifetime is too long")?;
-    let mut claims = serde_json::json!({
-        "org_id": organization,
-        "iat": now,
-        "exp": now.saturating_add(ttl),
-    });
-    let scope = scopes
-        .iter()
-        .flat_map(|scope| scope.split_whitespace())
-        .collect::<Vec<_>>()
-        .join(" ");
-    if !scope.is_empty() {
-        claims["scope"] = scope.into();
-    }
-    if let Some(issuer) = issuer {
-        claims["iss"] = issuer.into();
-    }
-    if let Some(audience) = audience {
-        claims["aud"] = audience.into();
-    }
-    let header = jsonwebtoken::Header::new(Algorithm::HS256);
-    let key = jsonwebtoken::EncodingKey::from_secret(secret.as_bytes());
-    Ok(jsonwebtoken::encode(&header, &claims, &key)?)
 }
 
 #[cfg(test)]
@@ -484,7 +620,7 @@ mod tests {
     fn refusal_is_in_the_contract(result: &Result<OrganizationId, ServiceError>) -> bool {
         matches!(
             result,
-            Ok(_) | Err(ServiceError::Unauthenticated(_) | ServiceError::OrganizationIdMissing)
+            Ok(_) | Err(ServiceError::Unauthenticated(_) | ServiceError::OrganizationIdMissing(_))
         )
     }
 
@@ -534,7 +670,7 @@ mod tests {
             let expected = org_id.as_str().and_then(OrganizationId::parse);
             match (result, expected) {
                 (Ok(found), Some(expected)) => prop_assert_eq!(found, expected),
-                (Err(ServiceError::OrganizationIdMissing), None) => {}
+                (Err(ServiceError::OrganizationIdMissing(_)), None) => {}
                 (other, expected) => prop_assert!(false, "{other:?} for {expected:?}"),
             }
         }
