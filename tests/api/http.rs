@@ -432,8 +432,12 @@ async fn reads_and_pages(pool: PgPool) {
         .json();
     assert_eq!(handles(&second), ["c-agent"]);
     assert_eq!(second["next_page_token"], "");
-    // Absent and empty parameters are the defaults.
-    for path in ["/identities", "/identities?page_size=&page_token="] {
+    // Absent parameters, or an empty token, are the defaults.
+    for path in [
+        "/identities",
+        "/identities?page_token=",
+        "/identities?page_size=0",
+    ] {
         let all = app.http(Req::get(path).for_org(ORG)).await.json();
         assert_eq!(handles(&all), ["a-agent", "b-agent", "c-agent"], "{path}");
     }
@@ -448,6 +452,7 @@ async fn reads_and_pages(pool: PgPool) {
     for (path, field) in [
         ("/identities?page_size=-1", "page_size"),
         ("/identities?page_size=two", "page_size"),
+        ("/identities?page_size=", "page_size"),
         ("/identities?page_size=99999999999", "page_size"),
         ("/identities?page_token=garbage", "page_token"),
     ] {
@@ -490,6 +495,11 @@ async fn unauthenticated_refusals_say_how_to_authenticate(pool: PgPool) {
     app.http(Req::get("/identities/x").bearer(&oversized))
         .await
         .assert_error(401, "UNAUTHENTICATED", "UNAUTHENTICATED");
+    // Headers beyond 32 KiB are refused by HTTP itself.
+    let huge = app
+        .http(Req::get("/identities/x").header("x-padding", &"x".repeat(40_000)))
+        .await;
+    assert_eq!(huge.status, 431);
 }
 
 #[sqlx::test]
@@ -836,4 +846,47 @@ async fn requests_are_counted_by_operation_code_and_status(pool: PgPool) {
         !text.contains(r#"channel_assignment_rpc_requests_total{method="AssignMailbox""#),
         "{text}"
     );
+}
+
+/// Request headers must come within the header timeout (GRPC_HANDSHAKE_TIMEOUT):
+/// a silent connection, one that trickles its headers, and an idle
+/// keep-alive connection are all closed, not held.
+#[sqlx::test]
+async fn slow_or_idle_connections_are_closed(pool: PgPool) {
+    let mut settings = test_settings(AuthSettings::hs256(SECRET));
+    settings.handshake_timeout = Duration::from_millis(300);
+    let app = spawn_app_with_settings(&pool, settings).await;
+
+    let closed_within = |mut stream: tokio::net::TcpStream| async move {
+        let started = std::time::Instant::now();
+        let mut rest = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut rest))
+            .await
+            .expect("the server closes the connection");
+        assert!(read.is_ok(), "{read:?}");
+        (started.elapsed(), rest)
+    };
+
+    let silent = tokio::net::TcpStream::connect(app.http_addr).await.unwrap();
+    let (after, _) = closed_within(silent).await;
+    assert!(after < Duration::from_secs(2), "{after:?}");
+
+    let mut trickling = tokio::net::TcpStream::connect(app.http_addr).await.unwrap();
+    trickling
+        .write_all(b"GET /openapi.json HTTP/1.1\r\nhost: x\r\n")
+        .await
+        .unwrap();
+    let (after, _) = closed_within(trickling).await;
+    assert!(after < Duration::from_secs(2), "{after:?}");
+
+    let mut idle = tokio::net::TcpStream::connect(app.http_addr).await.unwrap();
+    idle.write_all(b"GET /openapi.json HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let (after, answered) = closed_within(idle).await;
+    assert!(
+        String::from_utf8_lossy(&answered).starts_with("HTTP/1.1 200"),
+        "answered, then closed when idle"
+    );
+    assert!(after < Duration::from_secs(2), "{after:?}");
 }

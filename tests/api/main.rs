@@ -13,6 +13,7 @@ mod helpers;
 mod hostile;
 mod http;
 mod http_client;
+mod http_dev;
 mod http_parity;
 mod inventory;
 mod isolation;

@@ -137,15 +137,15 @@ pub fn body_field(body: &[u8], field: &'static str) -> Result<String, ServiceErr
     }
 }
 
-/// `page_size` and `page_token` of `GET /identities`; absent or empty means
-/// the default (0 and none), as an unset field does over gRPC.
+/// `page_size` and `page_token` of `GET /identities`; absent means the
+/// default (0 and none), as an unset field does over gRPC. An empty
+/// `page_token` is the first page; an empty `page_size` is not a number.
 pub fn list_query(query: Option<&str>) -> Result<(i32, String), ServiceError> {
     let mut page_size = 0;
     let mut page_token = String::new();
     let mut violations = Vec::new();
     for (name, value) in url::form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
         match name.as_ref() {
-            "page_size" if value.is_empty() => page_size = 0,
             "page_size" => match value.parse::<i32>() {
                 Ok(size) => page_size = size,
                 Err(_) => violations.push(FieldViolation {
@@ -223,16 +223,18 @@ mod tests {
     #[test]
     fn list_queries() {
         assert_eq!(list_query(None).unwrap(), (0, String::new()));
-        assert_eq!(
-            list_query(Some("page_size=&page_token=")).unwrap(),
-            (0, String::new())
-        );
+        assert_eq!(list_query(Some("page_token=")).unwrap(), (0, String::new()));
         assert_eq!(
             list_query(Some("page_size=2&page_token=a%2Bb&other=1")).unwrap(),
             (2, "a+b".to_owned())
         );
         assert_eq!(list_query(Some("page_size=-1")).unwrap().0, -1);
-        for bad in ["page_size=x", "page_size=2147483648", "page_size=1.5"] {
+        for bad in [
+            "page_size=x",
+            "page_size=2147483648",
+            "page_size=1.5",
+            "page_size=",
+        ] {
             assert_eq!(field_of(list_query(Some(bad)).unwrap_err()), "page_size");
         }
     }

@@ -266,4 +266,57 @@ mod tests {
         );
         assert_eq!(operation_id(&Method::PUT, "/identities"), None);
     }
+
+    /// The proto's google.api.http rules (what a transcoder would serve)
+    /// are exactly the routes this server serves.
+    #[test]
+    fn the_proto_http_rules_are_the_routes() {
+        let pool = prost_reflect::DescriptorPool::decode(crate::proto::FILE_DESCRIPTOR_SET)
+            .expect("the descriptor set decodes");
+        let http = pool
+            .get_extension_by_name("google.api.http")
+            .expect("google.api.http is in the descriptor set");
+        let mut rules = Vec::new();
+        for service in pool.services() {
+            for method in service.methods() {
+                let options = method.options();
+                if !options.has_extension(&http) {
+                    continue;
+                }
+                let rule = options.get_extension(&http);
+                let rule = rule.as_message().expect("an HttpRule");
+                let (verb, path) = ["get", "post", "delete", "put", "patch"]
+                    .into_iter()
+                    .find_map(|verb| {
+                        rule.has_field_by_name(verb).then(|| {
+                            let path = rule.get_field_by_name(verb).unwrap();
+                            (verb, path.as_str().unwrap().to_owned())
+                        })
+                    })
+                    .expect("a verb");
+                let body = rule
+                    .get_field_by_name("body")
+                    .and_then(|body| body.as_str().map(str::to_owned))
+                    .unwrap_or_default();
+                rules.push((verb.to_owned(), path, method.name().to_owned(), body == "*"));
+            }
+        }
+        rules.sort();
+
+        let document = serde_json::to_value(openapi()).unwrap();
+        let mut routes = Vec::new();
+        for (path, item) in document["paths"].as_object().unwrap() {
+            for (verb, operation) in item.as_object().unwrap() {
+                routes.push((
+                    verb.clone(),
+                    path.clone(),
+                    operation["operationId"].as_str().unwrap().to_owned(),
+                    operation.get("requestBody").is_some(),
+                ));
+            }
+        }
+        routes.sort();
+        assert_eq!(rules, routes);
+        assert_eq!(rules.len(), 6);
+    }
 }
