@@ -36,7 +36,7 @@ COPY --from=builder /build/target/release/channel-assignment /usr/local/bin/chan
 # verify runAsNonRoot without a passwd lookup.
 USER 65532:65532
 # gRPC, Prometheus metrics
-EXPOSE 50051 9090
+EXPOSE 50051 8080 9090
 ENV GRPC_LISTEN_ADDR=0.0.0.0:50051 \
     METRICS_LISTEN_ADDR=0.0.0.0:9090 \
     LOG_FORMAT=json

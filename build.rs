@@ -1,22 +1,26 @@
 use std::{env, fs, path::PathBuf};
 
-use prost::Message;
-
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     // protox compiles in-process, so neither developers, CI nor the image build
-    // need a system `protoc`.
-    let file_descriptors = protox::compile(
-        [
+    // need a system `protoc`. google/api/*.proto (the google.api.http
+    // annotations) are vendored under proto/.
+    let mut compiler = protox::Compiler::new(["proto"])?;
+    compiler
+        .include_source_info(true)
+        .include_imports(true)
+        .open_files([
             "channels/v1/channel_assignment.proto",
             "channels/v1/channel_inventory.proto",
-        ],
-        ["proto"],
-    )?;
+        ])?;
+    let file_descriptors = compiler.file_descriptor_set();
 
+    // For reflection, with the options that `file_descriptor_set` drops
+    // (prost does not keep extensions): the google.api.http rules stay in
+    // what grpcurl describes and what a transcoder could be given.
     let out_dir = PathBuf::from(env::var("OUT_DIR")?);
     fs::write(
         out_dir.join("channels_v1_descriptor.bin"),
-        file_descriptors.encode_to_vec(),
+        compiler.encode_file_descriptor_set(),
     )?;
 
     tonic_prost_build::configure()

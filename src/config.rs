@@ -140,6 +140,11 @@ pub struct ServeSettings {
     #[arg(long, env = "GRPC_LISTEN_ADDR", default_value = "0.0.0.0:50051", value_parser = parse_listen_address)]
     pub grpc_listen_addr: String,
 
+    /// Address the REST API (HTTP/1.1, JSON) listens on, beside gRPC:
+    /// host:port, [v6]:port, or :port.
+    #[arg(long, env = "HTTP_LISTEN_ADDR", default_value = "0.0.0.0:8080", value_parser = parse_listen_address)]
+    pub http_listen_addr: String,
+
     /// Address of the Prometheus metrics endpoint (plain HTTP, /metrics).
     /// Unset, 0.0.0.0:9090 is tried, and if that port is taken the service
     /// runs without metrics (with a warning) rather than not at all; set, a
@@ -367,6 +372,7 @@ impl ServeSettings {
                 otlp_endpoint: None,
             },
             grpc_listen_addr: "127.0.0.1:0".to_owned(),
+            http_listen_addr: "127.0.0.1:0".to_owned(),
             metrics_listen_addr: Some("127.0.0.1:0".to_owned()),
             max_concurrent_requests: 256,
             max_concurrent_requests_per_organization: 64,

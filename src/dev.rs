@@ -132,6 +132,7 @@ pub async fn run(
         &token,
         settings.events_nats_url.as_deref(),
     );
+    print_rest_walkthrough(&reachable(application.http_addr()), &token);
     pool.close().await;
     application.run(shutdown).await
 }
@@ -305,4 +306,25 @@ fn print_walkthrough(address: &SocketAddr, token: &str, nats_url: Option<&str>) 
             "# no NATS on {LOCAL_NATS_ADDRESS}: events are not relayed (set EVENTS_NATS_URL)\n"
         ),
     }
+}
+
+/// The REST API's walkthrough: one `curl` per line, each working as
+/// printed (tests/api/http_dev.rs runs them).
+fn print_rest_walkthrough(address: &SocketAddr, token: &str) {
+    let base = format!("http://{address}");
+    let auth = format!("-H 'authorization: Bearer {token}'");
+    let json = "-H 'content-type: application/json'";
+    println!(
+        "# The same API over REST (HTTP/JSON, the seed's paths) on {address}; its OpenAPI 3.1 document:\n\
+         curl -s {base}/openapi.json\n\n\
+         # link a mailbox: 200 and the identity, as JSON\n\
+         curl -s -X POST {auth} {json} -d '{{\"mailbox_id\":\"{SPARE_MAILBOX}\"}}' {base}/identities/sales-agent/mailbox\n\n\
+         # read an identity, and the organization's identities a page at a time\n\
+         curl -s {auth} {base}/identities/support-agent\n\
+         curl -s {auth} '{base}/identities?page_size=2'\n\n\
+         # unlink it again: 204, no body\n\
+         curl -s -i -X DELETE {auth} {base}/identities/sales-agent/mailbox\n\n\
+         # a mailbox of another organization: 404 and the error body (code, status, reason, message, details)\n\
+         curl -s -i -X POST {auth} {json} -d '{{\"mailbox_id\":\"{OTHER_ORG_MAILBOX}\"}}' {base}/identities/billing-agent/mailbox\n"
+    );
 }

@@ -1,4 +1,8 @@
-//! The service's errors, and their one mapping to `tonic::Status`.
+//! The service's errors, and the one table that says, for each, its gRPC
+//! code, HTTP status, `ErrorInfo.reason`, message and rich details
+//! (`ServiceError::report`). Each transport renders that report in its own
+//! terms: gRPC as a `tonic::Status` with `grpc-status-details-bin` (here),
+//! HTTP as the JSON error body (`api::http::error`).
 
 use std::collections::HashMap;
 
@@ -80,6 +84,12 @@ pub enum ServiceError {
     /// A path under the service that names none of its methods.
     #[error("unknown method")]
     UnknownMethod,
+    /// HTTP: a path the REST API does not have.
+    #[error("unknown path")]
+    UnknownPath,
+    /// HTTP: a path the REST API has, with a method it does not take.
+    #[error("method not allowed")]
+    MethodNotAllowed,
     /// Any other refusal tonic made before the service ran: its code, and
     /// its message for the log only.
     #[error("transport error {0:?}: {1}")]
@@ -147,11 +157,14 @@ impl ServiceError {
             Self::RequestAbandoned => "CANCELLED",
             Self::MessageTooLarge(_) => "MESSAGE_TOO_LARGE",
             Self::UnknownMethod => "UNIMPLEMENTED",
+            Self::UnknownPath => "PATH_NOT_FOUND",
+            Self::MethodNotAllowed => "METHOD_NOT_ALLOWED",
             Self::Transport(code, _) => code_name(*code),
         }
     }
 
-    fn code_and_http_status(&self) -> (Code, u16) {
+    /// The gRPC code and the HTTP status of the REST origin.
+    pub fn code_and_http_status(&self) -> (Code, u16) {
         match self {
             Self::Unauthenticated(_) => (Code::Unauthenticated, 401),
             Self::OrganizationIdMissing(_) | Self::ConflictingOrganizations => {
@@ -178,6 +191,10 @@ impl ServiceError {
             Self::RequestAbandoned => (Code::Cancelled, 499),
             Self::MessageTooLarge(_) => (Code::OutOfRange, 413),
             Self::UnknownMethod => (Code::Unimplemented, 501),
+            // As grpc-gateway answers a route that does not exist, and one
+            // that exists without the method.
+            Self::UnknownPath => (Code::NotFound, 404),
+            Self::MethodNotAllowed => (Code::Unimplemented, 405),
             Self::Transport(code, _) => (*code, http_status_of(*code)),
         }
     }
@@ -242,6 +259,8 @@ impl ServiceError {
                 format!("the request message is larger than {} KiB", limit / 1024)
             }
             Self::UnknownMethod => "unknown method".to_owned(),
+            Self::UnknownPath => "no such path".to_owned(),
+            Self::MethodNotAllowed => "the path does not take this method".to_owned(),
             Self::Transport(..) => "the request could not be handled".to_owned(),
         }
     }
@@ -357,18 +376,34 @@ fn noun(kind: ChannelKind) -> &'static str {
     }
 }
 
-impl From<ServiceError> for Status {
-    fn from(error: ServiceError) -> Self {
+/// An error as the caller receives it, whatever the transport: the gRPC
+/// code, the HTTP status, the `ErrorInfo.reason`, the message and the rich
+/// details (`ErrorInfo` always; `BadRequest`, `ResourceInfo`, `RetryInfo`
+/// where they apply).
+#[derive(Debug)]
+pub struct ErrorReport {
+    pub code: Code,
+    pub http_status: u16,
+    pub reason: &'static str,
+    pub message: String,
+    pub details: ErrorDetails,
+}
+
+impl ServiceError {
+    /// The report the caller receives; the cause, which the caller never
+    /// sees, goes to the log here, once, whichever transport asked.
+    pub fn report(&self) -> ErrorReport {
+        let error = self;
         let (code, http_status) = error.code_and_http_status();
         // The caller sees a generic message; the cause goes to the log. An
         // unavailable database is an operations matter (health and metrics
         // say so too), not a defect: a warning, not an error.
-        match &error {
+        match error {
             ServiceError::Internal(_) | ServiceError::Transport(..) => {
-                tracing::error!(error = ?anyhow_chain(&error), reason = error.reason(), "request failed");
+                tracing::error!(error = ?anyhow_chain(error), reason = error.reason(), "request failed");
             }
             ServiceError::Unavailable(_) => {
-                tracing::warn!(error = ?anyhow_chain(&error), reason = error.reason(), "request failed");
+                tracing::warn!(error = ?anyhow_chain(error), reason = error.reason(), "request failed");
             }
             _ => {}
         }
@@ -379,7 +414,7 @@ impl From<ServiceError> for Status {
             ERROR_DOMAIN,
             HashMap::from([("http_status".to_owned(), http_status.to_string())]),
         );
-        match &error {
+        match error {
             ServiceError::InvalidArgument(violations) => {
                 for violation in violations {
                     details.add_bad_request_violation(violation.field, &violation.description);
@@ -404,12 +439,8 @@ impl From<ServiceError> for Status {
                 details.set_resource_info(resource_type(*kind), "", "", error.message());
             }
             ServiceError::ChannelNotFound(kind, id) => {
-                let resource_type = match kind {
-                    ChannelKind::Mailbox => "channels.v1.Mailbox",
-                    ChannelKind::PhoneNumber => "channels.v1.PhoneNumber",
-                };
                 details.set_resource_info(
-                    resource_type,
+                    resource_type(*kind),
                     id.to_string(),
                     "",
                     format!("no such {} in the caller's organization", noun(*kind)),
@@ -417,7 +448,21 @@ impl From<ServiceError> for Status {
             }
             _ => {}
         }
-        Status::with_error_details(code, error.message(), details)
+        ErrorReport {
+            code,
+            http_status,
+            reason: error.reason(),
+            message: error.message(),
+            details,
+        }
+    }
+}
+
+/// gRPC renders the report as a status with `grpc-status-details-bin`.
+impl From<ServiceError> for Status {
+    fn from(error: ServiceError) -> Self {
+        let report = error.report();
+        Status::with_error_details(report.code, report.message, report.details)
     }
 }
 

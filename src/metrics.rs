@@ -39,6 +39,15 @@ struct ReasonLabels {
     reason: &'static str,
 }
 
+/// REST requests: the operation (the gRPC method's name, or `unknown`),
+/// the gRPC code of the answer and its HTTP status.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HttpLabels {
+    method: &'static str,
+    code: &'static str,
+    status: u16,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct DatabaseErrorLabels {
     kind: &'static str,
@@ -60,6 +69,59 @@ pub struct Metrics {
     relay_lag: Gauge,
     watchers: Gauge,
     events_written: Counter,
+    http: HttpMetrics,
+}
+
+/// The REST API's series, beside the gRPC ones (README, "REST").
+struct HttpMetrics {
+    requests: Family<HttpLabels, Counter>,
+    duration: Family<MethodLabels, Histogram>,
+    in_flight: Gauge,
+    connections: Gauge,
+    connections_refused: Counter,
+}
+
+impl HttpMetrics {
+    fn register(registry: &mut Registry) -> Self {
+        let requests = Family::<HttpLabels, Counter>::default();
+        registry.register(
+            "http_requests",
+            "REST requests handled, by operation (the gRPC method's name, or unknown), gRPC code and HTTP status",
+            requests.clone(),
+        );
+        let duration =
+            Family::<MethodLabels, Histogram>::new_with_constructor(latency_histogram as fn() -> _);
+        registry.register(
+            "http_request_duration_seconds",
+            "REST request latency, from request headers to response headers",
+            duration.clone(),
+        );
+        let in_flight = Gauge::default();
+        registry.register(
+            "http_in_flight",
+            "REST requests being handled now",
+            in_flight.clone(),
+        );
+        let connections = Gauge::default();
+        registry.register(
+            "http_connections",
+            "Open REST (HTTP/1.1) connections",
+            connections.clone(),
+        );
+        let connections_refused = Counter::default();
+        registry.register(
+            "http_connections_refused",
+            "REST connections closed at once because the connection limit was reached",
+            connections_refused.clone(),
+        );
+        Self {
+            requests,
+            duration,
+            in_flight,
+            connections,
+            connections_refused,
+        }
+    }
 }
 
 /// 0.5 ms … ~16 s: the service answers in about a millisecond when healthy,
@@ -180,7 +242,9 @@ impl Metrics {
              aggregate with max, not sum)",
             events_written.clone(),
         );
+        let http = HttpMetrics::register(&mut registry);
         Arc::new(Self {
+            http,
             registry,
             events_written,
             relay_lag,
@@ -213,6 +277,43 @@ impl Metrics {
         self.rpc_duration
             .get_or_create(&MethodLabels { method })
             .observe(latency.as_secs_f64());
+    }
+
+    pub fn http_started(self: &Arc<Self>) -> HttpInFlight {
+        self.http.in_flight.inc();
+        HttpInFlight(Arc::clone(self))
+    }
+
+    /// `method` (an operation id or `unknown`), `code` and `status` come
+    /// from fixed sets, so the series stay bounded whatever callers send.
+    pub fn http_finished(
+        &self,
+        method: &'static str,
+        code: &'static str,
+        status: u16,
+        latency: Duration,
+    ) {
+        self.http
+            .requests
+            .get_or_create(&HttpLabels {
+                method,
+                code,
+                status,
+            })
+            .inc();
+        self.http
+            .duration
+            .get_or_create(&MethodLabels { method })
+            .observe(latency.as_secs_f64());
+    }
+
+    pub fn http_connection_opened(self: &Arc<Self>) -> HttpConnection {
+        self.http.connections.inc();
+        HttpConnection(Arc::clone(self))
+    }
+
+    pub fn http_connection_refused(&self) {
+        self.http.connections_refused.inc();
     }
 
     /// Counts a request waiting for a connection until the guard is dropped.
@@ -287,6 +388,24 @@ pub struct InFlight(Arc<Metrics>);
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.rpc_in_flight.dec();
+    }
+}
+
+/// Decrements the REST in-flight gauge however the request ends.
+pub struct HttpInFlight(Arc<Metrics>);
+
+impl Drop for HttpInFlight {
+    fn drop(&mut self) {
+        self.0.http.in_flight.dec();
+    }
+}
+
+/// Counts an open REST connection until dropped.
+pub struct HttpConnection(Arc<Metrics>);
+
+impl Drop for HttpConnection {
+    fn drop(&mut self) {
+        self.0.http.connections.dec();
     }
 }
 

@@ -19,6 +19,7 @@ use crate::api::grpc::observe::{self, ObserveRpcLayer};
 use crate::api::grpc::streams::StreamBudgetLayer;
 use crate::api::grpc::transport_errors::TransportErrorsLayer;
 use crate::api::grpc::{MAX_MESSAGE_SIZE, MAX_RESPONSE_SIZE};
+use crate::api::http::{self as rest, HttpState, server::HttpLimits};
 use crate::auth::{Authenticator, INVENTORY_SCOPE};
 use crate::config::ServeSettings;
 use crate::error::ServiceError;
@@ -68,6 +69,8 @@ pub fn service_options(options: PgConnectOptions, statement_timeout: Duration) -
 pub struct Application {
     listener: TcpListener,
     local_addr: SocketAddr,
+    http_listener: TcpListener,
+    http_addr: SocketAddr,
     metrics_listener: Option<TcpListener>,
     metrics_addr: Option<SocketAddr>,
     metrics: Arc<Metrics>,
@@ -84,6 +87,10 @@ impl Application {
             .await
             .with_context(|| format!("cannot listen on {}", settings.grpc_listen_addr))?;
         let local_addr = listener.local_addr()?;
+        let http_listener = TcpListener::bind(settings.http_listen_addr.as_str())
+            .await
+            .with_context(|| format!("cannot listen on {}", settings.http_listen_addr))?;
+        let http_addr = http_listener.local_addr()?;
         let metrics_listener = bind_metrics(settings.metrics_listen_addr.as_deref()).await?;
         let metrics_addr = metrics_listener
             .as_ref()
@@ -93,6 +100,8 @@ impl Application {
         Ok(Self {
             listener,
             local_addr,
+            http_listener,
+            http_addr,
             metrics_listener,
             metrics_addr,
             store: Store::new(database, Arc::clone(&metrics)),
@@ -106,6 +115,11 @@ impl Application {
         self.local_addr
     }
 
+    /// Where the REST API is served.
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_addr
+    }
+
     /// Where metrics are served; `None` when the default port was taken.
     pub fn metrics_addr(&self) -> Option<SocketAddr> {
         self.metrics_addr
@@ -117,6 +131,8 @@ impl Application {
         let Self {
             listener,
             local_addr,
+            http_listener,
+            http_addr,
             metrics_listener,
             metrics_addr,
             metrics,
@@ -180,6 +196,16 @@ impl Application {
             PageTokens::new(page_token_key(&settings)),
             events.clone(),
             drain_started_rx.clone(),
+        );
+        // The REST API: the same operations (and so the same admission,
+        // deadlines and error table) and the same authenticator as gRPC.
+        let http_router = rest::router(
+            HttpState::new(
+                operations.clone(),
+                Arc::clone(&authenticator),
+                settings.request_timeout,
+            ),
+            Arc::clone(&metrics),
         );
         let observe = ObserveRpcLayer::new(Arc::clone(&metrics));
         let assignment =
@@ -269,6 +295,26 @@ impl Application {
             .add_service(inventory)
             .serve_with_incoming_shutdown(incoming, signal);
 
+        // Serves REST until the drain starts (when gRPC's does), then lets
+        // its in-flight requests finish.
+        tracing::info!(address = %http_addr, "serving REST");
+        let http_server = rest::server::serve(
+            http_listener,
+            http_router,
+            HttpLimits {
+                max_connections: settings.max_connections,
+                header_timeout: settings.handshake_timeout,
+            },
+            Arc::clone(&metrics),
+            drain_started_rx.clone(),
+        );
+        let servers = async {
+            // A gRPC server that fails drops its shutdown signal, and with
+            // it the drain's sender: the REST server stops then too.
+            let (grpc, ()) = tokio::join!(server, http_server);
+            grpc
+        };
+
         // An open stream (a health Watch) would hold the drain forever.
         let drain_timeout = settings.shutdown_drain_timeout;
         let drain_deadline = async move {
@@ -276,7 +322,7 @@ impl Application {
             tokio::time::sleep(drain_timeout).await;
         };
         tokio::select! {
-            served = server => served.context("gRPC server failed")?,
+            served = servers => served.context("gRPC server failed")?,
             () = drain_deadline => {
                 tracing::warn!(?drain_timeout, "drain timed out; closing remaining connections");
             }

@@ -2,3 +2,4 @@
 //! renders `error::ServiceError` in its own terms.
 
 pub mod grpc;
+pub mod http;

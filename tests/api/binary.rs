@@ -38,6 +38,7 @@ pub fn command(pool: &PgPool) -> Command {
         .env_clear()
         .env("DATABASE_URL", url)
         .env("GRPC_LISTEN_ADDR", "127.0.0.1:0")
+        .env("HTTP_LISTEN_ADDR", "127.0.0.1:0")
         .env("METRICS_LISTEN_ADDR", "127.0.0.1:0")
         .env("LOG_FORMAT", "json")
         .stdin(Stdio::null())

@@ -31,6 +31,8 @@ pub struct TestApp {
     pub address: std::net::SocketAddr,
     pub channel: Channel,
     pub metrics_addr: std::net::SocketAddr,
+    /// The REST API's address (tests/api/http*.rs).
+    pub http_addr: std::net::SocketAddr,
     pub client: ChannelAssignmentClient<Channel>,
     shutdown: Option<oneshot::Sender<()>>,
     server: JoinHandle<anyhow::Result<()>>,
@@ -102,6 +104,7 @@ pub async fn spawn_app_on(database: Database, settings: ServeSettings) -> TestAp
         .await
         .expect("the application builds");
     let address = application.local_addr();
+    let http_addr = application.http_addr();
     let metrics_addr = application
         .metrics_addr()
         .expect("test settings name a metrics address");
@@ -119,6 +122,7 @@ pub async fn spawn_app_on(database: Database, settings: ServeSettings) -> TestAp
     TestApp {
         address,
         metrics_addr,
+        http_addr,
         client: ChannelAssignmentClient::new(channel.clone()),
         channel,
         shutdown: Some(shutdown),

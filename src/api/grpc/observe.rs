@@ -197,7 +197,7 @@ pub fn method_name(path: &str) -> &'static str {
 }
 
 /// Reads W3C trace context from HTTP headers.
-struct HeaderExtractor<'a>(&'a http::HeaderMap);
+pub(crate) struct HeaderExtractor<'a>(pub(crate) &'a http::HeaderMap);
 
 impl Extractor for HeaderExtractor<'_> {
     fn get(&self, key: &str) -> Option<&str> {
@@ -227,7 +227,7 @@ fn response_code<R>(response: &http::Response<R>) -> Code {
 
 /// The trace id of a W3C `traceparent` (`00-<32 hex>-<16 hex>-<2 hex>`), if
 /// well formed and not all zeros.
-fn trace_id(traceparent: &str) -> Option<&str> {
+pub(crate) fn trace_id(traceparent: &str) -> Option<&str> {
     let mut parts = traceparent.split('-');
     let (version, trace_id, parent_id, flags) =
         (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
