@@ -125,6 +125,8 @@ class Server:
             "DATABASE_URL": DB_URL,
             "GRPC_LISTEN_ADDR": f"127.0.0.1:{self.port}",
             "METRICS_LISTEN_ADDR": f"127.0.0.1:{self.metrics_port}",
+            # The REST listener is not under attack here; off the default port.
+            "HTTP_LISTEN_ADDR": "127.0.0.1:0",
             "AUTH_JWT_HS256_SECRET": SECRET,
             "SHUTDOWN_DRAIN_TIMEOUT": "2s",
         })
