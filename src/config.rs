@@ -48,7 +48,7 @@ pub enum Command {
     /// Apply pending database migrations, grant the serving role its
     /// privileges, and exit.
     Migrate(MigrateSettings),
-    /// Serve gRPC until SIGTERM or SIGINT.
+    /// Serve gRPC and the REST API until SIGTERM or SIGINT.
     Serve(ServeSettings),
     /// A ready-to-try local instance: creates and migrates its own database,
     /// puts the demo organization back to its seed, prints a token and
