@@ -22,6 +22,7 @@ mod jwks;
 mod load;
 mod metrics;
 mod migrations;
+mod monitoring;
 mod operations;
 mod overload;
 mod pool;
