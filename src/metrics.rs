@@ -243,6 +243,14 @@ impl Metrics {
             events_written.clone(),
         );
         let http = HttpMetrics::register(&mut registry);
+        for (method, status) in crate::api::http::documented_operations() {
+            drop(http.requests.get_or_create(&HttpLabels {
+                method,
+                code: "OK",
+                status,
+            }));
+            drop(http.duration.get_or_create(&MethodLabels { method }));
+        }
         Arc::new(Self {
             http,
             registry,

@@ -51,6 +51,11 @@ impl Relay {
         while !*self.stopping.borrow() {
             if let Err(error) = self.relay_while_leader().await {
                 tracing::warn!(error = %error, "event relay paused; retrying");
+                // NATS (or the database) is down: the lag still grows, and
+                // an alert on it must see that, not the last figure.
+                if let Ok(backlog) = self.store.relay_backlog().await {
+                    self.metrics.relay_lag(lag_of(&backlog));
+                }
                 self.pause(RETRY_PAUSE).await;
             }
         }
@@ -64,7 +69,8 @@ impl Relay {
             .fetch_one(&mut lock)
             .await?;
         if !leader {
-            // Another replica relays; look again later.
+            // Another replica relays (and reports the lag); look again later.
+            self.metrics.relay_lag(0);
             self.pause(RETRY_PAUSE * 5).await;
             return Ok(());
         }
@@ -91,10 +97,7 @@ impl Relay {
 
     async fn relay_backlog(&self, jetstream: &jetstream::Context) -> anyhow::Result<()> {
         let backlog = self.store.relay_backlog().await?;
-        let mut lag: i64 = backlog
-            .iter()
-            .map(|behind| behind.last_sequence - behind.relayed_through.max(behind.removed_through))
-            .sum();
+        let mut lag = lag_of(&backlog);
         self.metrics.relay_lag(lag);
         for behind in backlog {
             let Some(organization) = OrganizationId::parse(&behind.organization_id) else {
@@ -155,6 +158,14 @@ impl Relay {
             _ = self.stopping.wait_for(|stopping| *stopping) => {}
         }
     }
+}
+
+/// Events committed and not yet published, over every organization.
+fn lag_of(backlog: &[crate::store::RelayBacklog]) -> i64 {
+    backlog
+        .iter()
+        .map(|behind| behind.last_sequence - behind.relayed_through.max(behind.removed_through))
+        .sum()
 }
 
 /// Publishes one event and waits for JetStream to store it.

@@ -435,3 +435,58 @@ async fn a_killed_service_resumes_relaying_without_gap_or_duplicate(pool: PgPool
     second.wait().await.unwrap();
     wait_until_service_gone(&pool).await;
 }
+
+/// The relay lag of a scrape, if reported.
+fn relay_lag(metrics: &str) -> Option<i64> {
+    metrics.lines().find_map(|line| {
+        line.strip_prefix("channel_assignment_events_relay_lag ")?
+            .parse()
+            .ok()
+    })
+}
+
+#[sqlx::test]
+async fn the_relay_lag_grows_while_nats_is_down_and_returns_to_zero(pool: PgPool) {
+    let mut nats = OwnNats::start().await;
+    let mut settings = test_settings(AuthSettings::hs256(SECRET));
+    settings.events_nats_url = Some(nats.url());
+    let app = spawn_app_with_settings(&pool, settings).await;
+    let org = fresh_organization();
+    insert_identity(&pool, &org, "agent").await;
+    let mailbox = insert_mailbox(&pool, &org).await.to_string();
+    nats.kill().await;
+
+    app.assign_mailbox(&org, "agent", &mailbox).await.unwrap();
+    app.unassign_mailbox(&org, "agent").await.unwrap();
+    // Long enough for the relay's publish to time out (5 s) and for it to
+    // fail to reconnect: events committed from now on are seen only by a
+    // relay that still reads the backlog while NATS is away.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    for _ in 0..2 {
+        app.assign_mailbox(&org, "agent", &mailbox).await.unwrap();
+        app.unassign_mailbox(&org, "agent").await.unwrap();
+    }
+    // What an alert on the lag sees during the outage: the six events.
+    let mut lag = None;
+    for _ in 0..100 {
+        lag = relay_lag(&crate::metrics::scrape(app.metrics_addr).await);
+        if lag == Some(6) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(lag, Some(6), "the lag while NATS is down");
+
+    nats.restart().await;
+    assert_eq!(assert_published_exactly(&pool, &nats.url(), &org).await, 6);
+    for _ in 0..100 {
+        lag = relay_lag(&crate::metrics::scrape(app.metrics_addr).await);
+        if lag == Some(0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(lag, Some(0), "the lag once NATS is back");
+    app.stop().await;
+    wait_until_service_gone(&pool).await;
+}

@@ -170,31 +170,43 @@ pub fn router(state: HttpState, metrics: Arc<Metrics>) -> Router {
         .with_state(state)
 }
 
+/// Every documented operation: (method, path template, `operationId`).
+static OPERATIONS: LazyLock<Vec<(Method, String, String)>> = LazyLock::new(|| {
+    let mut operations = Vec::new();
+    for (path, item) in &openapi().paths.paths {
+        let methods = [
+            (Method::GET, &item.get),
+            (Method::POST, &item.post),
+            (Method::DELETE, &item.delete),
+            (Method::PUT, &item.put),
+            (Method::PATCH, &item.patch),
+        ];
+        for (method, operation) in methods {
+            if let Some(id) = operation.as_ref().and_then(|o| o.operation_id.clone()) {
+                operations.push((method, path.clone(), id));
+            }
+        }
+    }
+    operations
+});
+
 /// The operation a documented (method, path template) names: its
 /// `operationId`, which is the gRPC method's name.
 pub fn operation_id(method: &Method, path: &str) -> Option<&'static str> {
-    static OPERATIONS: LazyLock<Vec<(Method, String, String)>> = LazyLock::new(|| {
-        let mut operations = Vec::new();
-        for (path, item) in &openapi().paths.paths {
-            let methods = [
-                (Method::GET, &item.get),
-                (Method::POST, &item.post),
-                (Method::DELETE, &item.delete),
-                (Method::PUT, &item.put),
-                (Method::PATCH, &item.patch),
-            ];
-            for (method, operation) in methods {
-                if let Some(id) = operation.as_ref().and_then(|o| o.operation_id.clone()) {
-                    operations.push((method, path.clone(), id));
-                }
-            }
-        }
-        operations
-    });
     OPERATIONS
         .iter()
         .find(|(known_method, known_path, _)| known_method == method && known_path == path)
         .map(|(_, _, id)| id.as_str())
+}
+
+/// Each documented operation with the status it answers when it succeeds
+/// (a DELETE has no body: 204), so that its metric series exist from the
+/// first scrape.
+pub fn documented_operations() -> impl Iterator<Item = (&'static str, u16)> {
+    OPERATIONS.iter().map(|(method, _, id)| {
+        let status = if method == Method::DELETE { 204 } else { 200 };
+        (id.as_str(), status)
+    })
 }
 
 /// `value` as a JSON response with `status`.
