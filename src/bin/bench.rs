@@ -18,28 +18,42 @@
 //! and ask for it by handle (`GetIdentity`) or by the address of mailbox `i`,
 //! `agent{i}@bench.example`, which the seed links to it (`LookupIdentity`):
 //! on a freshly seeded dataset every read finds its identity.
+//!
+//! Change events: `watch` consumes one `WatchAssignmentEvents` stream per
+//! organization while the writes run and reports whether it kept up (rate,
+//! delay from commit to receipt, caught up with the table at the end);
+//! `watchers` holds many idle streams open, so that `bench/run` can read
+//! what they cost the server.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap},
     fs,
     path::PathBuf,
-    sync::Arc,
-    time::{Duration, Instant},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicI64, Ordering},
+    },
+    time::{Duration, Instant, SystemTime},
 };
 
 use anyhow::Context as _;
 use channel_assignment::{
     MIGRATOR, auth,
     proto::{
-        AssignMailboxRequest, AssignPhoneNumberRequest, GetIdentityRequest, LookupIdentityRequest,
-        UnassignMailboxRequest, UnassignPhoneNumberRequest,
-        channel_assignment_client::ChannelAssignmentClient, lookup_identity_request,
+        AssignMailboxRequest, AssignPhoneNumberRequest, AssignmentEvent, GetIdentityRequest,
+        LookupIdentityRequest, UnassignMailboxRequest, UnassignPhoneNumberRequest,
+        WatchAssignmentEventsRequest, channel_assignment_client::ChannelAssignmentClient,
+        lookup_identity_request,
     },
     store, telemetry,
 };
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::watch,
+};
 use tonic::{
-    Request,
+    Request, Streaming,
     metadata::{AsciiMetadataValue, MetadataValue},
     transport::Channel,
 };
@@ -63,6 +77,11 @@ enum Command {
     Load(LoadArgs),
     /// Write pgbench scripts running the service's own statements.
     PgbenchScripts(ScriptArgs),
+    /// Consume one event stream per organization until SIGTERM/SIGINT (the
+    /// writes ended), then until caught up with the table; report as JSON.
+    Watch(WatchArgs),
+    /// Hold idle event streams open until SIGTERM/SIGINT; report as JSON.
+    Watchers(WatchersArgs),
 }
 
 #[derive(Args, Clone, Copy)]
@@ -153,6 +172,48 @@ struct LoadArgs {
     /// One JSON object instead of the table.
     #[arg(long)]
     json: bool,
+}
+
+/// What `watch` and `watchers` share.
+#[derive(Args)]
+struct StreamArgs {
+    #[arg(long, default_value = "http://127.0.0.1:50051")]
+    endpoint: String,
+    #[arg(long, env = "AUTH_JWT_HS256_SECRET")]
+    secret: String,
+    /// Where each stream starts: after the table's last event of its
+    /// organization, read here (so that only new events arrive).
+    #[arg(long, env = "DATABASE_URL")]
+    database_url: String,
+    /// Organizations `org_0` … `org_(K-1)`; stream `i` watches `org_(i mod K)`.
+    #[arg(long, default_value_t = 100)]
+    organizations: u64,
+    /// Streams per HTTP/2 connection: the server may cap watch streams per
+    /// connection (GRPC_MAX_WATCH_STREAMS_PER_CONNECTION, 16 by default).
+    #[arg(long, default_value_t = 10)]
+    streams_per_connection: usize,
+    /// Created once every stream is open.
+    #[arg(long)]
+    ready_file: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct WatchArgs {
+    #[command(flatten)]
+    streams: StreamArgs,
+    /// After the signal: how long the streams may take to reach the table's
+    /// last event before the watcher counts as not caught up.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    settle: Duration,
+}
+
+#[derive(Args)]
+struct WatchersArgs {
+    #[command(flatten)]
+    streams: StreamArgs,
+    /// Streams to hold open.
+    #[arg(long, default_value_t = 1000)]
+    count: usize,
 }
 
 #[derive(Args)]
@@ -266,6 +327,8 @@ async fn main() -> anyhow::Result<()> {
         Command::Seed(args) => seed(args).await,
         Command::Load(args) => load(args).await,
         Command::PgbenchScripts(args) => pgbench_scripts(&args),
+        Command::Watch(args) => watch_events(args).await,
+        Command::Watchers(args) => idle_watchers(args).await,
     }
 }
 
@@ -281,9 +344,13 @@ async fn seed(args: SeedArgs) -> anyhow::Result<()> {
     let started = Instant::now();
     // Server-side generation: one statement per table, no row leaves the
     // database, faster than COPY from a client.
-    sqlx::query("TRUNCATE identities, mailboxes, phone_numbers")
-        .execute(&pool)
-        .await?;
+    // The events of earlier runs too: a run counts the events it wrote.
+    sqlx::query(
+        "TRUNCATE identities, mailboxes, phone_numbers,
+                  assignment_events, event_sequences, event_relay_positions",
+    )
+    .execute(&pool)
+    .await?;
     sqlx::query(
         "INSERT INTO mailboxes (organization_id, id, email_address, display_name)
          SELECT 'org_' || ((j % $1) % $2), ('1' || lpad(to_hex(j), 31, '0'))::uuid,
@@ -357,31 +424,8 @@ async fn load(args: LoadArgs) -> anyhow::Result<()> {
     };
     anyhow::ensure!(!operations.is_empty(), "the mix has no weight");
     // One token per organization, parsed into metadata once.
-    let tokens: Arc<Vec<AsciiMetadataValue>> = Arc::new(
-        (0..dataset.organizations)
-            .map(|org| {
-                let token = auth::mint_hs256_token(
-                    &args.secret,
-                    &format!("org_{org}"),
-                    Duration::from_secs(3600),
-                    None,
-                    None,
-                    &[],
-                )?;
-                Ok(MetadataValue::try_from(format!("Bearer {token}"))?)
-            })
-            .collect::<anyhow::Result<_>>()?,
-    );
-    let mut channels = Vec::new();
-    for _ in 0..args.connections.max(1) {
-        channels.push(
-            Channel::from_shared(args.endpoint.clone())?
-                .tcp_nodelay(true)
-                .connect()
-                .await
-                .context("cannot connect to the service")?,
-        );
-    }
+    let tokens = Arc::new(tokens(&args.secret, dataset.organizations)?);
+    let channels = connect(&args.endpoint, args.connections.max(1)).await?;
 
     let warm_until = Instant::now() + args.warmup;
     let stop_at = warm_until + args.duration;
@@ -437,6 +481,44 @@ async fn load(args: LoadArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// One bearer token per organization `org_0` …, parsed into metadata once.
+fn tokens(secret: &str, organizations: u64) -> anyhow::Result<Vec<AsciiMetadataValue>> {
+    (0..organizations)
+        .map(|org| {
+            let token = auth::mint_hs256_token(
+                secret,
+                &format!("org_{org}"),
+                Duration::from_secs(3600),
+                None,
+                None,
+                &[],
+            )?;
+            Ok(MetadataValue::try_from(format!("Bearer {token}"))?)
+        })
+        .collect()
+}
+
+/// `count` HTTP/2 connections: each `Channel::connect` opens one of its own.
+async fn connect(endpoint: &str, count: usize) -> anyhow::Result<Vec<Channel>> {
+    let mut channels = Vec::with_capacity(count);
+    for _ in 0..count {
+        channels.push(
+            Channel::from_shared(endpoint.to_owned())?
+                .tcp_nodelay(true)
+                .connect()
+                .await
+                .context("cannot connect to the service")?,
+        );
+    }
+    Ok(channels)
+}
+
+fn authorized<T>(message: T, token: AsciiMetadataValue) -> Request<T> {
+    let mut request = Request::new(message);
+    request.metadata_mut().insert("authorization", token);
+    request
+}
+
 async fn send(
     client: &mut ChannelAssignmentClient<Channel>,
     operation: Operation,
@@ -444,11 +526,6 @@ async fn send(
     channel: u64,
     token: AsciiMetadataValue,
 ) -> &'static str {
-    fn authorized<T>(message: T, token: AsciiMetadataValue) -> Request<T> {
-        let mut request = Request::new(message);
-        request.metadata_mut().insert("authorization", token);
-        request
-    }
     let handle = key;
     let result = match operation {
         Operation::AssignMailbox => client
@@ -587,6 +664,302 @@ fn report(args: &LoadArgs, mut total: Tally, client_cpu_seconds: f64) {
             total.codes
         );
     }
+}
+
+/// Each organization's events in the table: `(count, last sequence)`.
+async fn table_events(pool: &sqlx::PgPool) -> anyhow::Result<HashMap<String, (i64, i64)>> {
+    let rows: Vec<(String, i64, i64)> = sqlx::query_as(
+        "SELECT organization_id, count(*), max(sequence)
+         FROM assignment_events GROUP BY organization_id",
+    )
+    .fetch_all(pool)
+    .await
+    .context("cannot count the events")?;
+    Ok(rows
+        .into_iter()
+        .map(|(organization, count, last)| (organization, (count, last)))
+        .collect())
+}
+
+fn organization(index: usize) -> String {
+    format!("org_{index}")
+}
+
+/// Opens `count` streams over `count / streams_per_connection` connections,
+/// stream `i` watching organization `i mod K` after `start`'s last event of
+/// it; returns each with its organization's index. An opened stream is a
+/// registered watcher: the server answers only after its first read.
+async fn open_streams(
+    args: &StreamArgs,
+    count: usize,
+    start: &HashMap<String, (i64, i64)>,
+) -> anyhow::Result<(usize, Vec<(usize, Streaming<AssignmentEvent>)>)> {
+    anyhow::ensure!(args.organizations > 0, "--organizations must be at least 1");
+    let tokens = tokens(&args.secret, args.organizations)?;
+    let per_connection = args.streams_per_connection.max(1);
+    let channels = connect(&args.endpoint, count.div_ceil(per_connection)).await?;
+    let mut streams = Vec::with_capacity(count);
+    for i in 0..count {
+        let org = i % tokens.len();
+        let after_sequence = start.get(&organization(org)).map_or(0, |&(_, last)| last);
+        let mut client = ChannelAssignmentClient::new(channels[i / per_connection].clone());
+        let stream = client
+            .watch_assignment_events(authorized(
+                WatchAssignmentEventsRequest { after_sequence },
+                tokens[org].clone(),
+            ))
+            .await
+            .with_context(|| format!("cannot open watch stream {i}"))?
+            .into_inner();
+        streams.push((org, stream));
+    }
+    Ok((channels.len(), streams))
+}
+
+/// SIGTERM or SIGINT: bench/run's way of saying the writes ended. Installed
+/// before the ready file is written, so that an early signal is not fatal.
+struct Stop {
+    terminate: tokio::signal::unix::Signal,
+    interrupt: tokio::signal::unix::Signal,
+}
+
+impl Stop {
+    fn new() -> anyhow::Result<Self> {
+        Ok(Self {
+            terminate: signal(SignalKind::terminate())?,
+            interrupt: signal(SignalKind::interrupt())?,
+        })
+    }
+
+    async fn wait(&mut self) {
+        tokio::select! {
+            _ = self.terminate.recv() => {}
+            _ = self.interrupt.recv() => {}
+        }
+    }
+}
+
+fn ready(file: Option<&PathBuf>) -> anyhow::Result<()> {
+    if let Some(file) = file {
+        fs::write(file, "ready\n").with_context(|| format!("cannot write {}", file.display()))?;
+    }
+    Ok(())
+}
+
+/// What one stream saw.
+#[derive(Default)]
+struct StreamTally {
+    received: u64,
+    received_while_writing: u64,
+    /// Commit (the event's `occurred_at`) to receipt.
+    delays_us: Vec<u32>,
+    /// Events at or below a sequence already received: repeated or reordered.
+    out_of_order: u64,
+    /// How the stream ended before it was let go: "end of stream" or a code.
+    ended: Option<&'static str>,
+}
+
+fn ended_counts(tallies: &[StreamTally]) -> serde_json::Map<String, serde_json::Value> {
+    let mut ended: BTreeMap<&str, u64> = BTreeMap::new();
+    for end in tallies.iter().filter_map(|tally| tally.ended) {
+        *ended.entry(end).or_default() += 1;
+    }
+    ended
+        .into_iter()
+        .map(|(end, count)| (end.to_owned(), count.into()))
+        .collect()
+}
+
+/// Receives one stream until `stop`; `last` is its organization's last
+/// received sequence, shared with the check for having caught up.
+async fn consume(
+    mut stream: Streaming<AssignmentEvent>,
+    last: Arc<AtomicI64>,
+    writing: Arc<AtomicBool>,
+    mut stop: watch::Receiver<bool>,
+) -> StreamTally {
+    let mut tally = StreamTally::default();
+    loop {
+        let message = tokio::select! {
+            message = stream.message() => message,
+            _ = stop.wait_for(|stop| *stop) => return tally,
+        };
+        match message {
+            Ok(Some(event)) => {
+                let delay = event
+                    .occurred_at
+                    .and_then(|at| SystemTime::try_from(at).ok())
+                    .and_then(|at| SystemTime::now().duration_since(at).ok())
+                    .unwrap_or_default();
+                tally
+                    .delays_us
+                    .push(u32::try_from(delay.as_micros()).unwrap_or(u32::MAX));
+                tally.received += 1;
+                if writing.load(Ordering::Relaxed) {
+                    tally.received_while_writing += 1;
+                }
+                if event.sequence <= last.load(Ordering::Relaxed) {
+                    tally.out_of_order += 1;
+                }
+                last.store(event.sequence, Ordering::Relaxed);
+            }
+            Ok(None) => {
+                tally.ended = Some("end of stream");
+                return tally;
+            }
+            Err(status) => {
+                tally.ended = Some(channel_assignment::error::code_name(status.code()));
+                return tally;
+            }
+        }
+    }
+}
+
+async fn watch_events(args: WatchArgs) -> anyhow::Result<()> {
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&args.streams.database_url)
+        .await
+        .context("cannot connect to the database")?;
+    let before = table_events(&pool).await?;
+    let organizations = usize::try_from(args.streams.organizations)?;
+    let (connections, streams) = open_streams(&args.streams, organizations, &before).await?;
+    let last: Vec<Arc<AtomicI64>> = (0..organizations)
+        .map(|org| {
+            let start = before.get(&organization(org)).map_or(0, |&(_, last)| last);
+            Arc::new(AtomicI64::new(start))
+        })
+        .collect();
+    let writing = Arc::new(AtomicBool::new(true));
+    let (stop_streams, stopping) = watch::channel(false);
+    let tasks: Vec<_> = streams
+        .into_iter()
+        .map(|(org, stream)| {
+            tokio::spawn(consume(
+                stream,
+                Arc::clone(&last[org]),
+                Arc::clone(&writing),
+                stopping.clone(),
+            ))
+        })
+        .collect();
+
+    let mut stop = Stop::new()?;
+    ready(args.streams.ready_file.as_ref())?;
+    let ready_at = Instant::now();
+    let cpu_before = process_cpu_seconds();
+    stop.wait().await;
+    writing.store(false, Ordering::Relaxed);
+    let window = ready_at.elapsed();
+    // The writes have ended: the table's last events are the goal.
+    let after = table_events(&pool).await?;
+    let goal: Vec<i64> = (0..organizations)
+        .map(|org| after.get(&organization(org)).map_or(0, |&(_, last)| last))
+        .collect();
+    let behind = || {
+        goal.iter()
+            .zip(&last)
+            .filter(|(goal, last)| last.load(Ordering::Relaxed) != **goal)
+            .count()
+    };
+    let signalled = Instant::now();
+    while behind() > 0 && signalled.elapsed() < args.settle {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let catch_up = signalled.elapsed();
+    let behind = behind();
+    let _ = stop_streams.send(true);
+    let mut tallies = Vec::with_capacity(tasks.len());
+    for task in tasks {
+        tallies.push(task.await?);
+    }
+    let cpu_seconds = process_cpu_seconds() - cpu_before;
+
+    let written: i64 = after
+        .iter()
+        .map(|(org, &(count, _))| count - before.get(org).map_or(0, |&(count, _)| count))
+        .sum();
+    let received: u64 = tallies.iter().map(|tally| tally.received).sum();
+    let mut delays: Vec<u32> = tallies
+        .iter()
+        .flat_map(|tally| tally.delays_us.iter().copied())
+        .collect();
+    delays.sort_unstable();
+    let max = delays.last().map_or(0.0, |max| f64::from(*max) / 1000.0);
+    println!(
+        "{}",
+        serde_json::json!({
+            "streams": tallies.len(),
+            "connections": connections,
+            "window_s": window.as_secs_f64(),
+            "written": written,
+            "received": received,
+            "received_while_writing": tallies.iter().map(|t| t.received_while_writing).sum::<u64>(),
+            "delay_p50_ms": percentile(&delays, 0.50),
+            "delay_p99_ms": percentile(&delays, 0.99),
+            "delay_max_ms": max,
+            "out_of_order": tallies.iter().map(|t| t.out_of_order).sum::<u64>(),
+            "ended": ended_counts(&tallies),
+            // Every stream's last sequence equals its organization's last in the table.
+            "caught_up": behind == 0,
+            "organizations_behind": behind,
+            "catch_up_ms": catch_up.as_secs_f64() * 1000.0,
+            "cpu_us_per_event": cpu_seconds * 1e6 / received.max(1) as f64,
+        })
+    );
+    Ok(())
+}
+
+async fn idle_watchers(args: WatchersArgs) -> anyhow::Result<()> {
+    let start = {
+        let pool = sqlx::PgPool::connect(&args.streams.database_url)
+            .await
+            .context("cannot connect to the database")?;
+        let start = table_events(&pool).await?;
+        // No connection of the bench's own while the server's are counted.
+        pool.close().await;
+        start
+    };
+    let started = Instant::now();
+    let (connections, streams) = open_streams(&args.streams, args.count, &start).await?;
+    let opened = started.elapsed();
+    let last: Vec<Arc<AtomicI64>> = (0..streams.len())
+        .map(|_| Arc::new(AtomicI64::new(0)))
+        .collect();
+    let idle = Arc::new(AtomicBool::new(true));
+    let (stop_streams, stopping) = watch::channel(false);
+    let tasks: Vec<_> = streams
+        .into_iter()
+        .zip(&last)
+        .map(|((_, stream), last)| {
+            tokio::spawn(consume(
+                stream,
+                Arc::clone(last),
+                Arc::clone(&idle),
+                stopping.clone(),
+            ))
+        })
+        .collect();
+    let mut stop = Stop::new()?;
+    ready(args.streams.ready_file.as_ref())?;
+    stop.wait().await;
+    let _ = stop_streams.send(true);
+    let mut tallies = Vec::with_capacity(tasks.len());
+    for task in tasks {
+        tallies.push(task.await?);
+    }
+    println!(
+        "{}",
+        serde_json::json!({
+            "streams": tallies.len(),
+            "connections": connections,
+            "open_s": opened.as_secs_f64(),
+            // Idle means nothing arrives and nothing ends.
+            "received": tallies.iter().map(|t| t.received).sum::<u64>(),
+            "ended": ended_counts(&tallies),
+        })
+    );
+    Ok(())
 }
 
 /// The service's statements with pgbench variables for its parameters, and
