@@ -1,22 +1,35 @@
-//! One `LISTEN` connection for the whole process, fanned out to watchers.
+//! Wake-ups for watchers and the relay: a write of this process wakes them
+//! at once, and other replicas' writes arrive as notifications on one
+//! `LISTEN` connection for the whole process, fanned out to watchers.
 //!
-//! A notification is a wake-up, not the data: the triggers notify the
-//! organization's id at commit, and a woken watcher re-reads its events by
-//! sequence. Notifications sent while the listening connection was down are
-//! lost, so after every reconnection every watcher is woken to re-read.
+//! A wake-up is not the data: it names an organization, and a woken watcher
+//! re-reads its events by sequence. The notifications are sent here, not by
+//! the writing transaction: a transaction that notifies holds a
+//! database-wide lock from its commit until its commit record is flushed, so
+//! notifying from the link trigger made every write commit alone and cost
+//! 40-72 % of the write throughput (BENCHMARKS.md, "Change events"). One task
+//! sends the organizations this process wrote, a batch per transaction, with
+//! `synchronous_commit` off, on a connection of its own. Notifications sent
+//! while the listening connection was down are lost, so after every
+//! reconnection every watcher is woken to re-read; a batch that cannot be
+//! sent leaves other replicas' watchers to their fallback read.
 
 use std::{
+    collections::BTreeSet,
     sync::{
-        Arc,
-        atomic::{AtomicUsize, Ordering},
+        Arc, Mutex, PoisonError,
+        atomic::{AtomicU32, AtomicUsize, Ordering},
     },
     time::Duration,
 };
 
-use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
-use tokio::sync::broadcast;
+use sqlx::{
+    Connection as _, PgConnection,
+    postgres::{PgConnectOptions, PgListener, PgPoolOptions},
+};
+use tokio::sync::{Notify, broadcast};
 
-/// The channel the `assignment_events` trigger notifies.
+/// The channel replicas notify each other's watchers on.
 pub const CHANNEL: &str = "channels_assignment_events";
 
 /// How many wake-ups may wait for a slow watcher before it is told to
@@ -48,6 +61,17 @@ impl Wake {
 pub struct EventHub {
     wakes: broadcast::Sender<Wake>,
     watchers: Arc<AtomicUsize>,
+    announcements: Arc<Announcements>,
+}
+
+/// Organizations written by this process, not yet announced to the others.
+#[derive(Default)]
+struct Announcements {
+    pending: Mutex<BTreeSet<String>>,
+    ready: Notify,
+    /// The backend that sends them: the listener skips its notifications,
+    /// whose watchers here were woken already.
+    sender_pid: AtomicU32,
 }
 
 /// Counts a watcher for as long as it lives.
@@ -64,14 +88,37 @@ impl EventHub {
     /// the task ends with the returned handle.
     pub fn start(options: PgConnectOptions) -> (Self, tokio::task::JoinHandle<()>) {
         let (wakes, _) = broadcast::channel(BACKLOG);
-        let task = tokio::spawn(listen(options, wakes.clone()));
+        let announcements = Arc::new(Announcements::default());
+        let listening = listen(options.clone(), wakes.clone(), Arc::clone(&announcements));
+        let announcing = announce(options, Arc::clone(&announcements));
+        let task = tokio::spawn(async move {
+            tokio::join!(listening, announcing);
+        });
         (
             Self {
                 wakes,
                 watchers: Arc::default(),
+                announcements,
             },
             task,
         )
+    }
+
+    /// A write of `organization` by this process ended (however it ended:
+    /// it may have recorded events). Its watchers here wake now; the other
+    /// replicas' are notified with the next batch.
+    pub fn written(&self, organization: &str) {
+        let _ = self.wakes.send(Wake::Organization(organization.to_owned()));
+        let mut pending = self
+            .announcements
+            .pending
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if !pending.contains(organization) {
+            pending.insert(organization.to_owned());
+        }
+        drop(pending);
+        self.announcements.ready.notify_one();
     }
 
     pub fn subscribe(&self) -> broadcast::Receiver<Wake> {
@@ -90,7 +137,11 @@ impl EventHub {
     }
 }
 
-async fn listen(options: PgConnectOptions, wakes: broadcast::Sender<Wake>) {
+async fn listen(
+    options: PgConnectOptions,
+    wakes: broadcast::Sender<Wake>,
+    announcements: Arc<Announcements>,
+) {
     // sqlx's listener wants a pool; this one holds the single connection.
     let pool = PgPoolOptions::new()
         .max_connections(1)
@@ -113,6 +164,9 @@ async fn listen(options: PgConnectOptions, wakes: broadcast::Sender<Wake>) {
         let _ = wakes.send(Wake::Everyone);
         loop {
             match listener.try_recv().await {
+                Ok(Some(notification))
+                    if notification.process_id()
+                        == announcements.sender_pid.load(Ordering::Relaxed) => {}
                 Ok(Some(notification)) => {
                     let _ = wakes.send(Wake::Organization(notification.payload().to_owned()));
                 }
@@ -130,4 +184,65 @@ async fn listen(options: PgConnectOptions, wakes: broadcast::Sender<Wake>) {
             }
         }
     }
+}
+
+/// Sends the organizations this process wrote to the other replicas, a
+/// batch per transaction: what was written while a batch was being sent
+/// goes with the next.
+async fn announce(options: PgConnectOptions, announcements: Arc<Announcements>) {
+    let mut connection: Option<PgConnection> = None;
+    loop {
+        announcements.ready.notified().await;
+        let organizations: Vec<String> = std::mem::take(
+            &mut *announcements
+                .pending
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner),
+        )
+        .into_iter()
+        .collect();
+        if organizations.is_empty() {
+            continue;
+        }
+        if let Err(error) = send(&mut connection, &options, &announcements, &organizations).await {
+            // Other replicas' watchers of these organizations read at their
+            // fallback instead; this process's were woken already.
+            tracing::warn!(%error, organizations = organizations.len(), "cannot notify other replicas of new events");
+            connection = None;
+            tokio::time::sleep(RECONNECT_PAUSE).await;
+        }
+    }
+}
+
+async fn send(
+    connection: &mut Option<PgConnection>,
+    options: &PgConnectOptions,
+    announcements: &Announcements,
+    organizations: &[String],
+) -> Result<(), sqlx::Error> {
+    let connection = match connection {
+        Some(connection) => connection,
+        None => {
+            let mut opened = PgConnection::connect_with(options).await?;
+            // The commit need not wait for its flush: a notification lost
+            // in a crash costs a fallback read, never an event.
+            sqlx::query("SET synchronous_commit = off")
+                .execute(&mut opened)
+                .await?;
+            let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+                .fetch_one(&mut opened)
+                .await?;
+            // Backend pids are positive.
+            announcements
+                .sender_pid
+                .store(u32::try_from(pid).unwrap_or_default(), Ordering::Relaxed);
+            connection.insert(opened)
+        }
+    };
+    sqlx::query("SELECT pg_notify($1, organization) FROM unnest($2::text[]) AS organization")
+        .bind(CHANNEL)
+        .bind(organizations)
+        .execute(connection)
+        .await?;
+    Ok(())
 }

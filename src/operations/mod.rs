@@ -163,7 +163,7 @@ impl Operations {
         let organization = call.organization.clone();
         let actor = call.actor.clone();
         let store = self.store.clone();
-        self.admitted(call, move |window| async move {
+        self.admitted_write(call, move |window| async move {
             store
                 .upsert_identity(
                     &organization,
@@ -221,7 +221,7 @@ impl Operations {
         let organization = call.organization.clone();
         let actor = call.actor.clone();
         let store = self.store.clone();
-        self.admitted(call, move |window| async move {
+        self.admitted_write(call, move |window| async move {
             store
                 .upsert_mailbox(&organization, &mailbox, &actor, &window)
                 .await
@@ -275,7 +275,7 @@ impl Operations {
         let organization = call.organization.clone();
         let actor = call.actor.clone();
         let store = self.store.clone();
-        self.admitted(call, move |window| async move {
+        self.admitted_write(call, move |window| async move {
             store
                 .upsert_phone_number(&organization, &phone_number, &actor, &window)
                 .await
@@ -425,7 +425,7 @@ impl Operations {
         let organization = call.organization.clone();
         let actor = call.actor.clone();
         let store = self.store.clone();
-        self.admitted(call, move |window| async move {
+        self.admitted_write(call, move |window| async move {
             store
                 .assign(&organization, &handle, kind, channel, &actor, &window)
                 .await
@@ -443,7 +443,7 @@ impl Operations {
         let organization = call.organization.clone();
         let actor = call.actor.clone();
         let store = self.store.clone();
-        self.admitted(call, move |window| async move {
+        self.admitted_write(call, move |window| async move {
             store
                 .unassign(&organization, &handle, kind, &actor, &window)
                 .await
@@ -468,6 +468,32 @@ impl Operations {
         let window = budget.write_window();
         let gate = window.gate.clone();
         within(budget.answer_by, gate, permit, work(window)).await
+    }
+
+    /// `admitted` for a write: when its work ends, however it ends (it may
+    /// have recorded change events), the organization's watchers are woken.
+    /// The work runs to its end even if the caller leaves (see `within`), so
+    /// the wake-up follows the commit.
+    async fn admitted_write<T, F>(
+        &self,
+        call: &Call,
+        work: impl FnOnce(deadline::WriteWindow) -> F,
+    ) -> Result<T, ServiceError>
+    where
+        T: Send + 'static,
+        F: Future<Output = Result<T, ServiceError>> + Send + 'static,
+    {
+        let events = self.events.clone();
+        let organization = call.organization.clone();
+        self.admitted(call, move |window| {
+            let work = work(window);
+            async move {
+                let outcome = work.await;
+                events.written(organization.as_str());
+                outcome
+            }
+        })
+        .await
     }
 
     /// The time a call has: the server's request timeout, or the client's

@@ -655,3 +655,29 @@ async fn retention_removes_old_prefixes_and_resuming_before_them_is_expired(pool
         0
     );
 }
+
+#[sqlx::test]
+async fn a_watcher_on_one_replica_sees_another_replicas_writes_within_a_second(pool: PgPool) {
+    let writer = spawn_app(&pool).await;
+    let reader = spawn_app(&pool).await;
+    insert_identity(&pool, ORG, "sales-agent").await;
+    let mut mailboxes = Vec::new();
+    for _ in 0..5 {
+        mailboxes.push(insert_mailbox(&pool, ORG).await.to_string());
+    }
+    let mut watcher = watch(&reader, ORG, 0).await.unwrap();
+    for mailbox in &mailboxes {
+        let committed = std::time::Instant::now();
+        writer
+            .assign_mailbox(ORG, "sales-agent", mailbox)
+            .await
+            .unwrap();
+        let event = tokio::time::timeout(std::time::Duration::from_secs(1), watcher.message())
+            .await
+            .expect("the other replica's event within a second of its commit")
+            .unwrap()
+            .unwrap();
+        assert_eq!(event.channel_id, *mailbox);
+        println!("another replica's event after {:?}", committed.elapsed());
+    }
+}
