@@ -146,10 +146,25 @@ impl Workload {
     }
 }
 
+/// How the load generator reaches the service.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Transport {
+    /// gRPC over HTTP/2: `--connections` shared by the requests in flight.
+    Grpc,
+    /// The REST API over HTTP/1.1 keep-alive at `--http-endpoint`: one
+    /// connection per request in flight (HTTP/1.1 has no multiplexing).
+    Http,
+}
+
 #[derive(Args)]
 struct LoadArgs {
     #[arg(long, default_value = "http://127.0.0.1:50051")]
     endpoint: String,
+    #[arg(long, value_enum, default_value_t = Transport::Grpc)]
+    transport: Transport,
+    /// The REST API's address, for `--transport http`.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    http_endpoint: String,
     #[arg(long, env = "AUTH_JWT_HS256_SECRET")]
     secret: String,
     #[command(flatten)]
@@ -423,16 +438,28 @@ async fn load(args: LoadArgs) -> anyhow::Result<()> {
         Workload::ReadsLookup => vec![Operation::LookupIdentityByEmailAddress],
     };
     anyhow::ensure!(!operations.is_empty(), "the mix has no weight");
+    anyhow::ensure!(
+        args.transport == Transport::Grpc || workload != Workload::ReadsLookup,
+        "the REST API has no lookup"
+    );
     // One token per organization, parsed into metadata once.
     let tokens = Arc::new(tokens(&args.secret, dataset.organizations)?);
-    let channels = connect(&args.endpoint, args.connections.max(1)).await?;
+    let channels = match args.transport {
+        Transport::Grpc => connect(&args.endpoint, args.connections.max(1)).await?,
+        Transport::Http => Vec::new(),
+    };
 
     let warm_until = Instant::now() + args.warmup;
     let stop_at = warm_until + args.duration;
     let cpu_before = process_cpu_seconds();
     let mut tasks = Vec::new();
     for task in 0..args.concurrency {
-        let mut client = ChannelAssignmentClient::new(channels[task % channels.len()].clone());
+        let mut client = match args.transport {
+            Transport::Grpc => Client::Grpc(ChannelAssignmentClient::new(
+                channels[task % channels.len()].clone(),
+            )),
+            Transport::Http => Client::Http(HttpClient::connect(&args.http_endpoint).await?),
+        };
         let tokens = Arc::clone(&tokens);
         let operations = operations.clone();
         tasks.push(tokio::spawn(async move {
@@ -457,7 +484,10 @@ async fn load(args: LoadArgs) -> anyhow::Result<()> {
                     _ => format!("agent-{identity}"),
                 };
                 let started = Instant::now();
-                let code = send(&mut client, operation, key, channel, token).await;
+                let code = match &mut client {
+                    Client::Grpc(client) => send(client, operation, key, channel, token).await,
+                    Client::Http(client) => client.send(operation, &key, channel, &token).await,
+                };
                 if started >= warm_until {
                     let micros = started.elapsed().as_micros();
                     tally
@@ -479,6 +509,103 @@ async fn load(args: LoadArgs) -> anyhow::Result<()> {
     let cpu_seconds = process_cpu_seconds() - cpu_before;
     report(&args, total, cpu_seconds);
     Ok(())
+}
+
+enum Client {
+    Grpc(ChannelAssignmentClient<Channel>),
+    Http(HttpClient),
+}
+
+/// One HTTP/1.1 keep-alive connection to the REST API.
+struct HttpClient {
+    sender: hyper::client::conn::http1::SendRequest<http_body_util::Full<bytes::Bytes>>,
+}
+
+impl HttpClient {
+    async fn connect(address: &str) -> anyhow::Result<Self> {
+        let stream = tokio::net::TcpStream::connect(address)
+            .await
+            .with_context(|| format!("cannot connect to the REST API at {address}"))?;
+        stream.set_nodelay(true)?;
+        let (sender, connection) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+        tokio::spawn(connection);
+        Ok(Self { sender })
+    }
+
+    /// The operation as the REST API takes it; the answer's gRPC code name,
+    /// from the status the error table gives each code.
+    async fn send(
+        &mut self,
+        operation: Operation,
+        handle: &str,
+        channel: u64,
+        token: &AsciiMetadataValue,
+    ) -> &'static str {
+        let (method, path, body) = match operation {
+            Operation::AssignMailbox => (
+                http::Method::POST,
+                format!("/identities/{handle}/mailbox"),
+                format!(
+                    r#"{{"mailbox_id":"{}"}}"#,
+                    channel_uuid(MAILBOX_NIBBLE, channel)
+                ),
+            ),
+            Operation::UnassignMailbox => (
+                http::Method::DELETE,
+                format!("/identities/{handle}/mailbox"),
+                String::new(),
+            ),
+            Operation::AssignPhoneNumber => (
+                http::Method::POST,
+                format!("/identities/{handle}/phone_number"),
+                format!(
+                    r#"{{"phone_number_id":"{}"}}"#,
+                    channel_uuid(PHONE_NUMBER_NIBBLE, channel)
+                ),
+            ),
+            Operation::UnassignPhoneNumber => (
+                http::Method::DELETE,
+                format!("/identities/{handle}/phone_number"),
+                String::new(),
+            ),
+            Operation::GetIdentity => (
+                http::Method::GET,
+                format!("/identities/{handle}"),
+                String::new(),
+            ),
+            Operation::LookupIdentityByEmailAddress => return "UNIMPLEMENTED",
+        };
+        let mut request = http::Request::builder()
+            .method(method)
+            .uri(path)
+            .header(http::header::HOST, "bench")
+            .header(http::header::AUTHORIZATION, token.as_bytes());
+        if !body.is_empty() {
+            request = request.header(http::header::CONTENT_TYPE, "application/json");
+        }
+        let Ok(request) = request.body(http_body_util::Full::new(bytes::Bytes::from(body))) else {
+            return "INTERNAL";
+        };
+        let Ok(response) = self.sender.send_request(request).await else {
+            return "TRANSPORT_ERROR";
+        };
+        let status = response.status().as_u16();
+        // Read the body to its end, so the connection can carry the next one.
+        let _ = http_body_util::BodyExt::collect(response.into_body()).await;
+        match status {
+            200 | 204 => "OK",
+            401 => "UNAUTHENTICATED",
+            403 => "PERMISSION_DENIED",
+            404 => "NOT_FOUND",
+            409 => "ALREADY_EXISTS",
+            422 => "INVALID_ARGUMENT",
+            429 => "RESOURCE_EXHAUSTED",
+            503 => "UNAVAILABLE",
+            504 => "DEADLINE_EXCEEDED",
+            _ => "INTERNAL",
+        }
+    }
 }
 
 /// One bearer token per organization `org_0` …, parsed into metadata once.

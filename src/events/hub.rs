@@ -15,7 +15,7 @@
 //! sent leaves other replicas' watchers to their fallback read.
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeSet, HashMap},
     sync::{
         Arc, Mutex, PoisonError,
         atomic::{AtomicU32, AtomicUsize, Ordering},
@@ -32,9 +32,12 @@ use tokio::sync::{Notify, broadcast};
 /// The channel replicas notify each other's watchers on.
 pub const CHANNEL: &str = "channels_assignment_events";
 
-/// How many wake-ups may wait for a slow watcher before it is told to
-/// re-read everything instead.
+/// How many wake-ups may wait for the relay before it is told to re-read
+/// everything instead.
 const BACKLOG: usize = 1024;
+/// The same for one organization's watchers: any wake-up means "re-read",
+/// so a few are as good as many.
+const ORGANIZATION_BACKLOG: usize = 8;
 /// Wait between attempts while the listening connection cannot be opened.
 const RECONNECT_PAUSE: Duration = Duration::from_secs(1);
 
@@ -59,9 +62,40 @@ impl Wake {
 
 #[derive(Clone)]
 pub struct EventHub {
-    wakes: broadcast::Sender<Wake>,
+    wakes: Arc<Wakes>,
     watchers: Arc<AtomicUsize>,
     announcements: Arc<Announcements>,
+}
+
+/// Where wake-ups go: every one to the relay (`all`), and each
+/// organization's only to that organization's watchers, so that a commit
+/// wakes its own watchers, not every watcher of the process.
+struct Wakes {
+    all: broadcast::Sender<Wake>,
+    by_organization: Mutex<HashMap<String, broadcast::Sender<Wake>>>,
+}
+
+impl Wakes {
+    fn send(&self, wake: Wake) {
+        let watched = self
+            .by_organization
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        match &wake {
+            Wake::Organization(organization) => {
+                if let Some(watchers) = watched.get(organization) {
+                    let _ = watchers.send(wake.clone());
+                }
+            }
+            Wake::Everyone => {
+                for watchers in watched.values() {
+                    let _ = watchers.send(Wake::Everyone);
+                }
+            }
+        }
+        drop(watched);
+        let _ = self.all.send(wake);
+    }
 }
 
 /// Organizations written by this process, not yet announced to the others.
@@ -74,12 +108,29 @@ struct Announcements {
     sender_pid: AtomicU32,
 }
 
-/// Counts a watcher for as long as it lives.
-pub struct Watching(Arc<AtomicUsize>);
+/// Counts a watcher for as long as it lives, and forgets its
+/// organization's channel when its last watcher is gone (after the
+/// watcher's receiver was dropped).
+pub struct Watching {
+    watchers: Arc<AtomicUsize>,
+    wakes: Arc<Wakes>,
+    organization: String,
+}
 
 impl Drop for Watching {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        self.watchers.fetch_sub(1, Ordering::Relaxed);
+        let mut watched = self
+            .wakes
+            .by_organization
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if watched
+            .get(&self.organization)
+            .is_some_and(|watchers| watchers.receiver_count() == 0)
+        {
+            watched.remove(&self.organization);
+        }
     }
 }
 
@@ -87,9 +138,16 @@ impl EventHub {
     /// Starts listening on a connection of its own (not one of the pool's);
     /// the task ends with the returned handle.
     pub fn start(options: PgConnectOptions) -> (Self, tokio::task::JoinHandle<()>) {
-        let (wakes, _) = broadcast::channel(BACKLOG);
+        let wakes = Arc::new(Wakes {
+            all: broadcast::channel(BACKLOG).0,
+            by_organization: Mutex::default(),
+        });
         let announcements = Arc::new(Announcements::default());
-        let listening = listen(options.clone(), wakes.clone(), Arc::clone(&announcements));
+        let listening = listen(
+            options.clone(),
+            Arc::clone(&wakes),
+            Arc::clone(&announcements),
+        );
         let announcing = announce(options, Arc::clone(&announcements));
         let task = tokio::spawn(async move {
             tokio::join!(listening, announcing);
@@ -108,7 +166,7 @@ impl EventHub {
     /// it may have recorded events). Its watchers here wake now; the other
     /// replicas' are notified with the next batch.
     pub fn written(&self, organization: &str) {
-        let _ = self.wakes.send(Wake::Organization(organization.to_owned()));
+        self.wakes.send(Wake::Organization(organization.to_owned()));
         let mut pending = self
             .announcements
             .pending
@@ -121,14 +179,29 @@ impl EventHub {
         self.announcements.ready.notify_one();
     }
 
+    /// Every wake-up (the relay's).
     pub fn subscribe(&self) -> broadcast::Receiver<Wake> {
-        self.wakes.subscribe()
+        self.wakes.all.subscribe()
     }
 
-    /// Wake-ups for a watcher, and the guard that counts it while it lives.
-    pub fn watch(&self) -> (broadcast::Receiver<Wake>, Watching) {
+    /// Wake-ups for a watcher of `organization`, and the guard that counts
+    /// it while it lives. The guard must outlive the receiver.
+    pub fn watch(&self, organization: &str) -> (broadcast::Receiver<Wake>, Watching) {
         self.watchers.fetch_add(1, Ordering::Relaxed);
-        (self.subscribe(), Watching(Arc::clone(&self.watchers)))
+        let receiver = self
+            .wakes
+            .by_organization
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(organization.to_owned())
+            .or_insert_with(|| broadcast::channel(ORGANIZATION_BACKLOG).0)
+            .subscribe();
+        let watching = Watching {
+            watchers: Arc::clone(&self.watchers),
+            wakes: Arc::clone(&self.wakes),
+            organization: organization.to_owned(),
+        };
+        (receiver, watching)
     }
 
     /// Watchers connected now, for the metrics.
@@ -137,11 +210,7 @@ impl EventHub {
     }
 }
 
-async fn listen(
-    options: PgConnectOptions,
-    wakes: broadcast::Sender<Wake>,
-    announcements: Arc<Announcements>,
-) {
+async fn listen(options: PgConnectOptions, wakes: Arc<Wakes>, announcements: Arc<Announcements>) {
     // sqlx's listener wants a pool; this one holds the single connection.
     let pool = PgPoolOptions::new()
         .max_connections(1)
@@ -161,20 +230,20 @@ async fn listen(
             continue;
         }
         // Whatever was notified before this point is not known: re-read.
-        let _ = wakes.send(Wake::Everyone);
+        wakes.send(Wake::Everyone);
         loop {
             match listener.try_recv().await {
                 Ok(Some(notification))
                     if notification.process_id()
                         == announcements.sender_pid.load(Ordering::Relaxed) => {}
                 Ok(Some(notification)) => {
-                    let _ = wakes.send(Wake::Organization(notification.payload().to_owned()));
+                    wakes.send(Wake::Organization(notification.payload().to_owned()));
                 }
                 // The connection was lost; the next call reconnects and
                 // listens again, but what was sent meanwhile is gone.
                 Ok(None) => {
                     tracing::info!("events listener reconnecting");
-                    let _ = wakes.send(Wake::Everyone);
+                    wakes.send(Wake::Everyone);
                 }
                 Err(error) => {
                     tracing::warn!(%error, "events listener failed; reopening it");
@@ -245,4 +314,75 @@ async fn send(
         .execute(connection)
         .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hub() -> EventHub {
+        EventHub {
+            wakes: Arc::new(Wakes {
+                all: broadcast::channel(BACKLOG).0,
+                by_organization: Mutex::default(),
+            }),
+            watchers: Arc::default(),
+            announcements: Arc::default(),
+        }
+    }
+
+    fn watched(hub: &EventHub) -> Vec<String> {
+        let mut organizations: Vec<String> = hub
+            .wakes
+            .by_organization
+            .lock()
+            .unwrap()
+            .keys()
+            .cloned()
+            .collect();
+        organizations.sort();
+        organizations
+    }
+
+    #[tokio::test]
+    async fn a_write_wakes_its_organizations_watchers_and_the_relay_only() {
+        let hub = hub();
+        let mut relay = hub.subscribe();
+        let (mut alpha, _alpha_guard) = hub.watch("org_alpha");
+        let (mut beta, _beta_guard) = hub.watch("org_beta");
+
+        hub.written("org_alpha");
+        assert_eq!(
+            alpha.try_recv().unwrap(),
+            Wake::Organization("org_alpha".into())
+        );
+        assert!(
+            beta.try_recv().is_err(),
+            "another organization's watcher sleeps on"
+        );
+        assert_eq!(
+            relay.try_recv().unwrap(),
+            Wake::Organization("org_alpha".into())
+        );
+
+        hub.wakes.send(Wake::Everyone);
+        assert_eq!(alpha.try_recv().unwrap(), Wake::Everyone);
+        assert_eq!(beta.try_recv().unwrap(), Wake::Everyone);
+        assert_eq!(hub.watchers(), 2);
+    }
+
+    #[tokio::test]
+    async fn an_organizations_channel_goes_with_its_last_watcher() {
+        let hub = hub();
+        let first = hub.watch("org_alpha");
+        let second = hub.watch("org_alpha");
+        drop(first);
+        assert_eq!(watched(&hub), ["org_alpha"]);
+        // As a watcher drops them: the receiver, then the guard.
+        let (receiver, guard) = second;
+        drop(receiver);
+        drop(guard);
+        assert!(watched(&hub).is_empty());
+        assert_eq!(hub.watchers(), 0);
+    }
 }

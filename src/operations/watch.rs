@@ -40,7 +40,7 @@ impl Operations {
         }
         // Subscribed before the first read: a commit between the two still
         // wakes this watcher.
-        let (wakes, watching) = self.events.watch();
+        let (wakes, watching) = self.events.watch(call.organization.as_str());
         let first = self
             .store
             .list_events(&call.organization, after_sequence, BATCH)
@@ -66,6 +66,8 @@ struct Watcher {
     sink: EventSink,
     wakes: broadcast::Receiver<Wake>,
     stopping: watch::Receiver<bool>,
+    // Declared after `wakes`, so dropped after it: the guard forgets the
+    // organization's channel once no receiver is left.
     _watching: Watching,
 }
 
