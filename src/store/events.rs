@@ -37,8 +37,9 @@ const LIST_EVENTS: &str = "
         ) AS removed_through
     )
     SELECT (SELECT removed_through FROM mark) > $2 AND $2 > 0 AS expired,
-           e.organization_id, e.sequence, e.identity_id, e.agent_handle, e.kind, e.action,
-           e.channel_id, e.previous_channel_id, e.cause, e.actor, e.occurred_at
+           e.organization_id, e.sequence, e.identity_id, e.agent_handle,
+           e.kind::text AS kind, e.action::text AS action,
+           e.channel_id, e.previous_channel_id, e.cause::text AS cause, e.actor, e.occurred_at
     FROM (VALUES (1)) AS one (x)
     LEFT JOIN LATERAL (
         SELECT * FROM assignment_events
@@ -86,7 +87,7 @@ impl EventRow {
 /// organization's sequence (an event is kept while an older-numbered one
 /// is; so no hole can open), at most `$2` per organization per call, and
 /// moves the organization's "removed through" mark in the same statement.
-/// The events' `occurred_at` index finds the organizations with old events.
+/// The events' `occurred_at` index (BRIN) finds the organizations with old events.
 const PRUNE_EVENTS: &str = "
     WITH cutoff AS (
         SELECT now() - make_interval(secs => $1) AS at

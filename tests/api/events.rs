@@ -681,3 +681,43 @@ async fn a_watcher_on_one_replica_sees_another_replicas_writes_within_a_second(p
         println!("another replica's event after {:?}", committed.elapsed());
     }
 }
+
+/// The stored kinds, actions and causes are closed sets (enum types since
+/// migration 5, CHECK constraints before): a value outside them cannot be
+/// recorded, whoever writes the row.
+#[sqlx::test]
+async fn an_event_outside_the_closed_sets_cannot_be_stored(pool: PgPool) {
+    for (kind, action, cause) in [
+        ("sms", "assigned", "requested"),
+        ("mailbox", "moved", "requested"),
+        ("mailbox", "assigned", "because"),
+    ] {
+        let refused = sqlx::query(
+            "INSERT INTO assignment_events (organization_id, sequence, identity_id,
+                 agent_handle, kind, action, cause)
+             VALUES ($1, 1, gen_random_uuid(), 'agent', $2::text::assignment_event_kind,
+                 $3::text::assignment_event_action, $4::text::assignment_event_cause)",
+        )
+        .bind(ORG)
+        .bind(kind)
+        .bind(action)
+        .bind(cause)
+        .execute(&pool)
+        .await
+        .expect_err("a value outside the set was stored");
+        let code = refused
+            .as_database_error()
+            .and_then(|error| error.code())
+            .map(|code| code.into_owned());
+        assert_eq!(
+            code.as_deref(),
+            Some("22P02"),
+            "{kind}/{action}/{cause}: {refused}"
+        );
+    }
+    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM assignment_events")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(stored, 0);
+}
