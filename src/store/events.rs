@@ -87,14 +87,21 @@ impl EventRow {
 /// organization's sequence (an event is kept while an older-numbered one
 /// is; so no hole can open), at most `$2` per organization per call, and
 /// moves the organization's "removed through" mark in the same statement.
-/// The events' `occurred_at` index (BRIN) finds the organizations with old events.
+/// An organization has a prefix to remove exactly when its lowest-numbered
+/// kept event is old, so it is found by one probe of the primary key per
+/// organization with kept events, without an index on `occurred_at` (why
+/// none: migration 20261207000001).
 const PRUNE_EVENTS: &str = "
     WITH cutoff AS (
         SELECT now() - make_interval(secs => $1) AS at
     ),
     stale AS (
-        SELECT DISTINCT organization_id FROM assignment_events
-        WHERE occurred_at < (SELECT at FROM cutoff)
+        SELECT counter.organization_id FROM event_sequences AS counter
+        WHERE counter.last_sequence > counter.removed_through
+          AND (SELECT e.occurred_at FROM assignment_events AS e
+               WHERE e.organization_id = counter.organization_id
+               ORDER BY e.sequence
+               LIMIT 1) < (SELECT at FROM cutoff)
     ),
     bounds AS (
         SELECT s.organization_id,
