@@ -37,9 +37,8 @@ const LIST_EVENTS: &str = "
         ) AS removed_through
     )
     SELECT (SELECT removed_through FROM mark) > $2 AND $2 > 0 AS expired,
-           e.organization_id, e.sequence, e.identity_id, e.agent_handle,
-           e.kind::text AS kind, e.action::text AS action,
-           e.channel_id, e.previous_channel_id, e.cause::text AS cause, e.actor, e.occurred_at
+           e.organization_id, e.sequence, e.identity_id, e.agent_handle, e.kind, e.action,
+           e.channel_id, e.previous_channel_id, e.cause, e.actor, e.occurred_at
     FROM (VALUES (1)) AS one (x)
     LEFT JOIN LATERAL (
         SELECT * FROM assignment_events
