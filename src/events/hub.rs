@@ -8,8 +8,9 @@
 //! database-wide lock from its commit until its commit record is flushed, so
 //! notifying from the link trigger made every write commit alone and cost
 //! 40-72 % of the write throughput (BENCHMARKS.md, "Change events"). One task
-//! sends the organizations this process wrote, a batch per transaction, with
-//! `synchronous_commit` off, on a connection of its own. Notifications sent
+//! sends the organizations this process wrote, a batch per transaction (at
+//! most one every `ANNOUNCE_INTERVAL`), with `synchronous_commit` off, on a
+//! connection of its own. Notifications sent
 //! while the listening connection was down are lost, so after every
 //! reconnection every watcher is woken to re-read; a batch that cannot be
 //! sent leaves other replicas' watchers to their fallback read.
@@ -40,6 +41,12 @@ const BACKLOG: usize = 1024;
 const ORGANIZATION_BACKLOG: usize = 8;
 /// Wait between attempts while the listening connection cannot be opened.
 const RECONNECT_PAUSE: Duration = Duration::from_secs(1);
+/// The least time between two batches of announcements. Without it the
+/// sender started a batch as soon as the last one ended: about one
+/// transaction per write, 3,500 a second under bench/run's write rows, each
+/// also waking every replica's listener. With it at most 100 a second, and
+/// another replica's watchers wake at most this much later.
+const ANNOUNCE_INTERVAL: Duration = Duration::from_millis(10);
 
 /// What a watcher is woken for.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -256,12 +263,15 @@ async fn listen(options: PgConnectOptions, wakes: Arc<Wakes>, announcements: Arc
 }
 
 /// Sends the organizations this process wrote to the other replicas, a
-/// batch per transaction: what was written while a batch was being sent
-/// goes with the next.
+/// batch per transaction and at most one per `ANNOUNCE_INTERVAL`: what was
+/// written while a batch was being sent, or since, goes with the next.
 async fn announce(options: PgConnectOptions, announcements: Arc<Announcements>) {
     let mut connection: Option<PgConnection> = None;
+    let mut batches = tokio::time::interval(ANNOUNCE_INTERVAL);
+    batches.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         announcements.ready.notified().await;
+        batches.tick().await;
         let organizations: Vec<String> = std::mem::take(
             &mut *announcements
                 .pending

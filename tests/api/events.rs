@@ -726,3 +726,41 @@ async fn a_change_with_a_cause_outside_the_closed_set_is_refused_and_nothing_is_
             .unwrap();
     assert_eq!(linked, None, "the link change refused with its event");
 }
+
+/// A replica announces what it wrote to the others in batches at most
+/// every 10 ms however fast it writes: a stream of writes of one
+/// organization reaches another replica's listener as a bounded number of
+/// notifications (one per batch), and the last write is announced too.
+#[sqlx::test]
+async fn announcements_to_other_replicas_are_batched_at_most_every_10_ms(pool: PgPool) {
+    use channel_assignment::events::hub::{CHANNEL, EventHub};
+    let mut other_replica = sqlx::postgres::PgListener::connect_with(&pool)
+        .await
+        .unwrap();
+    other_replica.listen(CHANNEL).await.unwrap();
+    let (hub, listener) = EventHub::start((*pool.connect_options()).clone());
+    let started = std::time::Instant::now();
+    let mut writes = 0;
+    while started.elapsed() < std::time::Duration::from_millis(300) {
+        hub.written(ORG);
+        writes += 1;
+        tokio::task::yield_now().await;
+    }
+    let writing_ms = started.elapsed().as_millis();
+    let mut announced = 0;
+    // The last batch is at most 10 ms behind; a second's quiet ends it.
+    while let Ok(notification) =
+        tokio::time::timeout(std::time::Duration::from_secs(1), other_replica.recv()).await
+    {
+        assert_eq!(notification.unwrap().payload(), ORG);
+        announced += 1;
+    }
+    listener.abort();
+    println!("{writes} writes in {writing_ms} ms announced in {announced} batches");
+    assert!(announced >= 1, "the writes were announced");
+    // A batch at the start, one per 10 ms, and one after the last write.
+    assert!(
+        announced <= writing_ms / 10 + 2,
+        "{announced} batches in {writing_ms} ms for {writes} writes"
+    );
+}
