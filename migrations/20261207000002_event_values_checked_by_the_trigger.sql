@@ -4,10 +4,9 @@
 -- Why: PostgreSQL plans a table's CHECK expressions afresh each time an
 -- INSERT statement starts, and the trigger starts one for every event, so
 -- the three constraints were planned again for every link change: about
--- 1-3 % of the write statements' throughput (pgbench with bench/run's write
--- statements, 10k identities, C = 8, two runs of 4 interleaved passes:
--- recording events cost 11.6 and 11.7 % of the transactions with them, 10.7
--- and 8.6 % without; BENCHMARKS.md, "Change events").
+-- 1-4 % of the write statements' throughput (pgbench with bench/run's write
+-- statements, 10k identities, C = 8, three runs of 3-4 interleaved rounds;
+-- BENCHMARKS.md, "Change events").
 --
 -- What still holds: the trigger is the table's only writer (the service
 -- never inserts events itself), kind and action are literals in it, and the

@@ -10,10 +10,10 @@
 //! 40-72 % of the write throughput (BENCHMARKS.md, "Change events"). One task
 //! sends the organizations this process wrote, a batch per transaction (at
 //! most one every `ANNOUNCE_INTERVAL`), with `synchronous_commit` off, on a
-//! connection of its own. Notifications sent
-//! while the listening connection was down are lost, so after every
-//! reconnection every watcher is woken to re-read; a batch that cannot be
-//! sent leaves other replicas' watchers to their fallback read.
+//! connection of its own. Notifications sent while the listening connection
+//! was down are lost, so after every reconnection every watcher is woken to
+//! re-read; a batch that cannot be sent leaves other replicas' watchers to
+//! their fallback read.
 
 use std::{
     collections::{BTreeSet, HashMap},
