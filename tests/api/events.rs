@@ -727,6 +727,98 @@ async fn a_change_with_a_cause_outside_the_closed_set_is_refused_and_nothing_is_
     assert_eq!(linked, None, "the link change refused with its event");
 }
 
+/// Links one identity to one mailbox in `transaction`, waiting as long as
+/// the trigger's counter makes it wait.
+async fn link(
+    mut transaction: sqlx::Transaction<'static, sqlx::Postgres>,
+    identity: uuid::Uuid,
+    mailbox: uuid::Uuid,
+) -> sqlx::Transaction<'static, sqlx::Postgres> {
+    sqlx::query("UPDATE identities SET mailbox_id = $1 WHERE id = $2")
+        .bind(mailbox)
+        .bind(identity)
+        .execute(&mut *transaction)
+        .await
+        .unwrap();
+    transaction
+}
+
+/// Waits until the backend `pid` waits for a lock, so that the test knows
+/// the second writer is held by the first rather than merely slow.
+async fn until_waiting_for_a_lock(pool: &PgPool, pid: i32) {
+    for _ in 0..1000 {
+        let waiting: Option<String> =
+            sqlx::query_scalar("SELECT wait_event_type FROM pg_stat_activity WHERE pid = $1")
+                .bind(pid)
+                .fetch_one(pool)
+                .await
+                .unwrap();
+        if waiting.as_deref() == Some("Lock") {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    panic!("the second writer never waited for the first");
+}
+
+/// The trigger numbers a change by updating its organization's counter,
+/// or by inserting it for the organization's first event: either way a
+/// second writer of the organization waits for the first to end, so it
+/// takes the next number after the first commits and the same number if
+/// the first rolls back (no gap, commit order).
+#[sqlx::test]
+async fn a_writer_numbers_its_event_after_the_writer_before_it_ends(pool: PgPool) {
+    let first = insert_identity(&pool, ORG, "first").await;
+    let second = insert_identity(&pool, ORG, "second").await;
+    let mailboxes = [
+        insert_mailbox(&pool, ORG).await,
+        insert_mailbox(&pool, ORG).await,
+        insert_mailbox(&pool, ORG).await,
+        insert_mailbox(&pool, ORG).await,
+    ];
+    // The first round finds no counter (the insert raced), the second one
+    // (the update); the first writer commits in one and rolls back in the other.
+    for (round, first_commits) in [(0, true), (1, false)] {
+        let first_writer = link(pool.begin().await.unwrap(), first, mailboxes[round * 2]).await;
+        let mut second_writer = pool.begin().await.unwrap();
+        let second_pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+            .fetch_one(&mut *second_writer)
+            .await
+            .unwrap();
+        let second_link = tokio::spawn(link(second_writer, second, mailboxes[round * 2 + 1]));
+        until_waiting_for_a_lock(&pool, second_pid).await;
+        if first_commits {
+            first_writer.commit().await.unwrap();
+        } else {
+            first_writer.rollback().await.unwrap();
+        }
+        second_link.await.unwrap().commit().await.unwrap();
+    }
+    let numbered: Vec<(i64, uuid::Uuid, uuid::Uuid)> = sqlx::query_as(
+        "SELECT sequence, identity_id, channel_id FROM assignment_events
+         WHERE organization_id = $1 ORDER BY sequence",
+    )
+    .bind(ORG)
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        numbered,
+        vec![
+            (1, first, mailboxes[0]),
+            (2, second, mailboxes[1]),
+            (3, second, mailboxes[3]),
+        ]
+    );
+    let last_sequence: i64 =
+        sqlx::query_scalar("SELECT last_sequence FROM event_sequences WHERE organization_id = $1")
+            .bind(ORG)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(last_sequence, 3, "the rolled-back number was not used up");
+}
+
 /// A replica announces what it wrote to the others in batches at most
 /// every 10 ms however fast it writes: a stream of writes of one
 /// organization reaches another replica's listener as a bounded number of
