@@ -776,8 +776,10 @@ async fn a_writer_numbers_its_event_after_the_writer_before_it_ends(pool: PgPool
         insert_mailbox(&pool, ORG).await,
         insert_mailbox(&pool, ORG).await,
     ];
-    // The first round finds no counter (the insert raced), the second one
-    // (the update); the first writer commits in one and rolls back in the other.
+    // In the first round the organization has no counter yet (the second
+    // writer waits on the first's insert of it), in the second it has one
+    // (the second waits on the first's update); the first writer commits in
+    // the one and rolls back in the other.
     for (round, first_commits) in [(0, true), (1, false)] {
         let first_writer = link(pool.begin().await.unwrap(), first, mailboxes[round * 2]).await;
         let mut second_writer = pool.begin().await.unwrap();
