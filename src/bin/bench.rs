@@ -184,6 +184,15 @@ struct LoadArgs {
     duration: Duration,
     #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
     warmup: Duration,
+    /// A second service (gRPC) that takes turns with --endpoint: in each
+    /// --turn every request goes to one of the two, and each gets its own
+    /// count. A change of the machine's speed that lasts longer than a turn
+    /// slows both alike, which rounds a minute apart cannot promise.
+    #[arg(long)]
+    in_turns_with: Option<String>,
+    /// How long each service's turn lasts, with --in-turns-with.
+    #[arg(long, default_value = "250ms", value_parser = humantime::parse_duration)]
+    turn: Duration,
     /// One JSON object instead of the table.
     #[arg(long)]
     json: bool,
@@ -442,34 +451,64 @@ async fn load(args: LoadArgs) -> anyhow::Result<()> {
         args.transport == Transport::Grpc || workload != Workload::ReadsLookup,
         "the REST API has no lookup"
     );
+    anyhow::ensure!(
+        args.transport == Transport::Grpc || args.in_turns_with.is_none(),
+        "--in-turns-with takes a gRPC service"
+    );
+    // Whole pairs of turns, so that each side has exactly half the time.
+    anyhow::ensure!(
+        args.in_turns_with.is_none()
+            || (!args.turn.is_zero()
+                && args
+                    .duration
+                    .as_nanos()
+                    .is_multiple_of(2 * args.turn.as_nanos())),
+        "--duration must be a whole number of twice --turn"
+    );
     // One token per organization, parsed into metadata once.
     let tokens = Arc::new(tokens(&args.secret, dataset.organizations)?);
     let channels = match args.transport {
         Transport::Grpc => connect(&args.endpoint, args.connections.max(1)).await?,
         Transport::Http => Vec::new(),
     };
+    let second_channels = match &args.in_turns_with {
+        Some(endpoint) => Some(connect(endpoint, args.connections.max(1)).await?),
+        None => None,
+    };
+    let sides = if second_channels.is_some() { 2 } else { 1 };
+    let turn_nanos = args.turn.as_nanos().max(1);
 
     let warm_until = Instant::now() + args.warmup;
     let stop_at = warm_until + args.duration;
     let cpu_before = process_cpu_seconds();
     let mut tasks = Vec::new();
     for task in 0..args.concurrency {
-        let mut client = match args.transport {
+        let mut clients = vec![match args.transport {
             Transport::Grpc => Client::Grpc(ChannelAssignmentClient::new(
                 channels[task % channels.len()].clone(),
             )),
             Transport::Http => Client::Http(HttpClient::connect(&args.http_endpoint).await?),
-        };
+        }];
+        if let Some(second) = &second_channels {
+            clients.push(Client::Grpc(ChannelAssignmentClient::new(
+                second[task % second.len()].clone(),
+            )));
+        }
         let tokens = Arc::clone(&tokens);
         let operations = operations.clone();
         tasks.push(tokio::spawn(async move {
             let mut dice = Dice(0x5EED ^ (task as u64) << 32);
-            let mut tally = Tally::default();
+            let mut tallies: Vec<Tally> = (0..sides).map(|_| Tally::default()).collect();
             loop {
                 let now = Instant::now();
                 if now >= stop_at {
-                    return tally;
+                    return tallies;
                 }
+                // Whose turn it is: every task agrees, as all read one clock
+                // (the warm-up is the first side's).
+                let side = (now.saturating_duration_since(warm_until).as_nanos() / turn_nanos)
+                    as usize
+                    % sides;
                 let operation = operations[dice.below(operations.len() as u64) as usize];
                 let (identity, channel) = match workload {
                     Workload::Writes => pick(&mut dice, dataset, &mix),
@@ -484,11 +523,12 @@ async fn load(args: LoadArgs) -> anyhow::Result<()> {
                     _ => format!("agent-{identity}"),
                 };
                 let started = Instant::now();
-                let code = match &mut client {
+                let code = match &mut clients[side] {
                     Client::Grpc(client) => send(client, operation, key, channel, token).await,
                     Client::Http(client) => client.send(operation, &key, channel, &token).await,
                 };
                 if started >= warm_until {
+                    let tally = &mut tallies[side];
                     let micros = started.elapsed().as_micros();
                     tally
                         .latencies_us
@@ -498,15 +538,37 @@ async fn load(args: LoadArgs) -> anyhow::Result<()> {
             }
         }));
     }
-    let mut total = Tally::default();
+    let mut totals: Vec<Tally> = (0..sides).map(|_| Tally::default()).collect();
     for task in tasks {
-        let tally = task.await?;
-        total.latencies_us.extend(tally.latencies_us);
-        for (code, count) in tally.codes {
-            *total.codes.entry(code).or_default() += count;
+        for (total, tally) in totals.iter_mut().zip(task.await?) {
+            total.latencies_us.extend(tally.latencies_us);
+            for (code, count) in tally.codes {
+                *total.codes.entry(code).or_default() += count;
+            }
         }
     }
     let cpu_seconds = process_cpu_seconds() - cpu_before;
+    if let Some(second) = &args.in_turns_with {
+        // Each side had every other turn: half the time each.
+        let seconds = args.duration.as_secs_f64() / 2.0;
+        let requests: usize = totals.iter().map(|t| t.latencies_us.len()).sum();
+        let client_cpu_us_per_request = cpu_seconds * 1e6 / requests.max(1) as f64;
+        let turns: Vec<serde_json::Value> = [&args.endpoint, second]
+            .into_iter()
+            .zip(totals)
+            .map(|(endpoint, total)| {
+                let mut summary = summarize(&args, total, seconds, client_cpu_us_per_request);
+                summary["endpoint"] = endpoint.as_str().into();
+                summary
+            })
+            .collect();
+        println!(
+            "{}",
+            serde_json::json!({ "turn_ms": args.turn.as_secs_f64() * 1e3, "turns": turns })
+        );
+        return Ok(());
+    }
+    let total = totals.pop().unwrap_or_default();
     report(&args, total, cpu_seconds);
     Ok(())
 }
@@ -746,49 +808,62 @@ fn percentile(sorted: &[u32], fraction: f64) -> f64 {
     f64::from(sorted[rank - 1]) / 1000.0
 }
 
-fn report(args: &LoadArgs, mut total: Tally, client_cpu_seconds: f64) {
+/// What a run sustained, as the JSON that `--json` prints.
+fn summarize(
+    args: &LoadArgs,
+    mut total: Tally,
+    seconds: f64,
+    client_cpu_us_per_request: f64,
+) -> serde_json::Value {
     total.latencies_us.sort_unstable();
     let requests = total.latencies_us.len();
-    let seconds = args.duration.as_secs_f64();
-    let rps = requests as f64 / seconds;
-    let (p50, p90, p99) = (
-        percentile(&total.latencies_us, 0.50),
-        percentile(&total.latencies_us, 0.90),
-        percentile(&total.latencies_us, 0.99),
-    );
-    let max = total
-        .latencies_us
-        .last()
-        .map_or(0.0, |m| f64::from(*m) / 1000.0);
+    let codes: serde_json::Map<String, serde_json::Value> = total
+        .codes
+        .iter()
+        .map(|(code, count)| ((*code).to_owned(), (*count).into()))
+        .collect();
+    serde_json::json!({
+        "workload": args.workload.name(),
+        "concurrency": args.concurrency,
+        "identities": args.dataset.identities(),
+        "duration_s": seconds,
+        "requests": requests,
+        "rps": requests as f64 / seconds,
+        "p50_ms": percentile(&total.latencies_us, 0.50),
+        "p90_ms": percentile(&total.latencies_us, 0.90),
+        "p99_ms": percentile(&total.latencies_us, 0.99),
+        "max_ms": total.latencies_us.last().map_or(0.0, |m| f64::from(*m) / 1000.0),
+        "codes": codes,
+        "client_cpu_us_per_request": client_cpu_us_per_request,
+    })
+}
+
+fn report(args: &LoadArgs, total: Tally, client_cpu_seconds: f64) {
+    let requests = total.latencies_us.len();
     let client_cpu_us_per_request = client_cpu_seconds * 1e6 / requests.max(1) as f64;
+    let summary = summarize(
+        args,
+        total,
+        args.duration.as_secs_f64(),
+        client_cpu_us_per_request,
+    );
     if args.json {
-        let codes: serde_json::Map<String, serde_json::Value> = total
-            .codes
-            .iter()
-            .map(|(code, count)| ((*code).to_owned(), (*count).into()))
-            .collect();
-        println!(
-            "{}",
-            serde_json::json!({
-                "workload": args.workload.name(),
-                "concurrency": args.concurrency,
-                "identities": args.dataset.identities(),
-                "duration_s": seconds,
-                "requests": requests,
-                "rps": rps,
-                "p50_ms": p50, "p90_ms": p90, "p99_ms": p99, "max_ms": max,
-                "codes": codes,
-                "client_cpu_us_per_request": client_cpu_us_per_request,
-            })
-        );
+        println!("{summary}");
     } else {
+        let number = |key: &str| summary[key].as_f64().unwrap_or(0.0);
         println!(
-            "{} {requests} requests in {seconds:.1} s at C={}: {rps:.0} rps, p50 {p50:.2} ms, \
-             p90 {p90:.2} ms, p99 {p99:.2} ms, max {max:.2} ms, codes {:?}, \
+            "{} {requests} requests in {:.1} s at C={}: {:.0} rps, p50 {:.2} ms, \
+             p90 {:.2} ms, p99 {:.2} ms, max {:.2} ms, codes {}, \
              load generator CPU {client_cpu_us_per_request:.1} µs/request",
             args.workload.name(),
+            number("duration_s"),
             args.concurrency,
-            total.codes
+            number("rps"),
+            number("p50_ms"),
+            number("p90_ms"),
+            number("p99_ms"),
+            number("max_ms"),
+            summary["codes"],
         );
     }
 }
