@@ -9,7 +9,7 @@
 
 use async_nats::jetstream::{self, consumer::pull};
 use channel_assignment::proto::AssignmentEvent;
-use futures::StreamExt as _;
+use futures_util::StreamExt as _;
 use prost::Message as _;
 
 #[tokio::main]

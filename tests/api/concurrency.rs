@@ -1,7 +1,7 @@
 //! Concurrent requests: the database decides, exactly one winner, the
 //! invariants hold afterwards, and nothing answers INTERNAL.
 
-use futures::future::join_all;
+use futures_util::future::join_all;
 use sqlx::PgPool;
 use tonic::Code;
 use uuid::Uuid;

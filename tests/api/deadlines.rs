@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use channel_assignment::proto::AssignMailboxRequest;
-use futures::{StreamExt as _, stream};
+use futures_util::{StreamExt as _, stream};
 use sqlx::PgPool;
 use tonic::Code;
 use tonic_types::StatusExt as _;

@@ -7,7 +7,7 @@ use channel_assignment::proto::{
     self, AssignmentAction, AssignmentCause, AssignmentEvent, ChannelKind, IdentityStatus,
     MailboxStatus,
 };
-use futures::future::join_all;
+use futures_util::future::join_all;
 use sqlx::PgPool;
 use tonic::Code;
 

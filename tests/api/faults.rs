@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use futures::future::join_all;
+use futures_util::future::join_all;
 use sqlx::PgPool;
 use tokio_stream::StreamExt as _;
 use tonic::Code;

@@ -9,7 +9,7 @@ use channel_assignment::{
         UpsertIdentityRequest, UpsertMailboxRequest, UpsertPhoneNumberRequest,
     },
 };
-use futures::future::join_all;
+use futures_util::future::join_all;
 use sqlx::PgPool;
 use tonic::{Code, Request};
 use uuid::Uuid;

@@ -9,7 +9,7 @@ use channel_assignment::{
     config::AuthSettings,
     store::database::{Database, Lease},
 };
-use futures::future::join_all;
+use futures_util::future::join_all;
 use sqlx::PgPool;
 use tonic_health::pb::health_check_response::ServingStatus;
 

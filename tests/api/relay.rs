@@ -8,7 +8,7 @@ use std::{path::PathBuf, process::Stdio, time::Duration};
 
 use async_nats::jetstream::{self, consumer::pull};
 use channel_assignment::{config::AuthSettings, proto::AssignmentEvent};
-use futures::{StreamExt as _, TryStreamExt as _};
+use futures_util::{StreamExt as _, TryStreamExt as _};
 use prost::Message as _;
 use sqlx::PgPool;
 
@@ -127,7 +127,7 @@ async fn events_are_published_once_in_order_and_a_restart_leaves_no_gap(pool: Pg
             let _ = app.assign_mailbox(&org, &handle, &mailbox).await;
         }
     };
-    futures::future::join_all((0..12).map(write)).await;
+    futures_util::future::join_all((0..12).map(write)).await;
 
     let table = table_events(&pool, &org).await;
     assert!(!table.is_empty());
