@@ -162,10 +162,7 @@ impl Relay {
 
 /// Events committed and not yet published, over every organization.
 fn lag_of(backlog: &[crate::store::RelayBacklog]) -> i64 {
-    backlog
-        .iter()
-        .map(|behind| behind.last_sequence - behind.relayed_through.max(behind.removed_through))
-        .sum()
+    backlog.iter().map(|behind| behind.unrelayed).sum()
 }
 
 /// Publishes one event and waits for JetStream to store it.

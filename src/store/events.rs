@@ -82,37 +82,70 @@ impl EventRow {
     }
 }
 
+/// Every organization with kept events, one probe of the primary key each
+/// (a loose index scan): the relay and retention start from it. Counting
+/// them nowhere else keeps the writes free of a row per organization to
+/// update (migration 20261207000004).
+macro_rules! organizations_with_events {
+    () => {
+        "organizations (organization_id) AS (
+            (SELECT organization_id FROM assignment_events ORDER BY organization_id LIMIT 1)
+            UNION ALL
+            SELECT (SELECT e.organization_id FROM assignment_events AS e
+                    WHERE e.organization_id > o.organization_id
+                    ORDER BY e.organization_id
+                    LIMIT 1)
+            FROM organizations AS o
+            WHERE o.organization_id IS NOT NULL
+        )"
+    };
+}
+
 /// Removes events older than `$1` seconds, as whole prefixes of each
 /// organization's sequence (an event is kept while an older-numbered one
 /// is; so no hole can open), at most `$2` per organization per call, and
 /// moves the organization's "removed through" mark in the same statement.
 /// An organization has a prefix to remove exactly when its lowest-numbered
-/// kept event is old, so it is found by one probe of the primary key per
+/// kept event is old, so it is found by a probe of the primary key per
 /// organization with kept events, without an index on `occurred_at` (why
 /// none: migration 20261207000001).
-const PRUNE_EVENTS: &str = "
-    WITH cutoff AS (
+const PRUNE_EVENTS: &str = concat!(
+    "WITH RECURSIVE ",
+    organizations_with_events!(),
+    ",
+    cutoff AS (
         SELECT now() - make_interval(secs => $1) AS at
     ),
     stale AS (
-        SELECT counter.organization_id FROM event_sequences AS counter
-        WHERE counter.last_sequence > counter.removed_through
+        SELECT o.organization_id FROM organizations AS o
+        WHERE o.organization_id IS NOT NULL
           AND (SELECT e.occurred_at FROM assignment_events AS e
-               WHERE e.organization_id = counter.organization_id
+               WHERE e.organization_id = o.organization_id
                ORDER BY e.sequence
                LIMIT 1) < (SELECT at FROM cutoff)
     ),
     bounds AS (
         SELECT s.organization_id,
                least(
+                   -- The last event before the first one to keep: the
+                   -- numbers are not contiguous, so the mark is an event's.
                    coalesce(
-                       (SELECT min(e.sequence) FROM assignment_events AS e
+                       (SELECT e.sequence FROM assignment_events AS e
                         WHERE e.organization_id = s.organization_id
-                          AND e.occurred_at >= (SELECT at FROM cutoff)) - 1,
+                          AND e.sequence < (
+                              SELECT min(f.sequence) FROM assignment_events AS f
+                              WHERE f.organization_id = s.organization_id
+                                AND f.occurred_at >= (SELECT at FROM cutoff))
+                        ORDER BY e.sequence DESC
+                        LIMIT 1),
                        (SELECT max(e.sequence) FROM assignment_events AS e
                         WHERE e.organization_id = s.organization_id)),
-                   (SELECT min(e.sequence) FROM assignment_events AS e
-                    WHERE e.organization_id = s.organization_id) + $2 - 1
+                   -- At most $2 events: the $2nd lowest.
+                   (SELECT e.sequence FROM assignment_events AS e
+                    WHERE e.organization_id = s.organization_id
+                    ORDER BY e.sequence
+                    OFFSET $2 - 1
+                    LIMIT 1)
                ) AS through
         FROM stale AS s
     ),
@@ -122,25 +155,39 @@ const PRUNE_EVENTS: &str = "
         RETURNING 1
     ),
     marked AS (
-        UPDATE event_sequences AS counter
-        SET removed_through = greatest(counter.removed_through, b.through)
-        FROM bounds AS b
-        WHERE counter.organization_id = b.organization_id AND b.through > counter.removed_through
+        INSERT INTO event_sequences AS counter (organization_id, removed_through)
+        SELECT organization_id, through FROM bounds
+        ON CONFLICT (organization_id) DO UPDATE
+            SET removed_through = greatest(counter.removed_through, EXCLUDED.removed_through)
         RETURNING 1
     )
-    SELECT count(*) FROM removed";
+    SELECT count(*) FROM removed"
+);
 
 /// Organizations with events the relay has not published: where it stands,
-/// where retention stands, and the last sequence.
-const RELAY_BACKLOG: &str = "
-    SELECT counter.organization_id,
-           coalesce(relay.relayed_through, 0) AS relayed_through,
-           counter.removed_through,
-           counter.last_sequence
-    FROM event_sequences AS counter
-    LEFT JOIN event_relay_positions AS relay USING (organization_id)
-    WHERE counter.last_sequence > coalesce(relay.relayed_through, 0)
-    ORDER BY counter.organization_id";
+/// where retention stands, and how many kept events it has still to publish.
+const RELAY_BACKLOG: &str = concat!(
+    "WITH RECURSIVE ",
+    organizations_with_events!(),
+    ",
+    positions AS (
+        SELECT o.organization_id,
+               coalesce(relay.relayed_through, 0) AS relayed_through,
+               coalesce(counter.removed_through, 0) AS removed_through
+        FROM organizations AS o
+        LEFT JOIN event_relay_positions AS relay USING (organization_id)
+        LEFT JOIN event_sequences AS counter USING (organization_id)
+        WHERE o.organization_id IS NOT NULL
+    ),
+    backlog AS (
+        SELECT p.*,
+               (SELECT count(*) FROM assignment_events AS e
+                WHERE e.organization_id = p.organization_id
+                  AND e.sequence > p.relayed_through) AS unrelayed
+        FROM positions AS p
+    )
+    SELECT * FROM backlog WHERE unrelayed > 0 ORDER BY organization_id"
+);
 
 const SAVE_RELAY_POSITION: &str = "
     INSERT INTO event_relay_positions AS relay (organization_id, relayed_through)
@@ -154,7 +201,7 @@ pub struct RelayBacklog {
     pub organization_id: String,
     pub relayed_through: i64,
     pub removed_through: i64,
-    pub last_sequence: i64,
+    pub unrelayed: i64,
 }
 
 /// Events removed per organization by one statement: keeps each one short.
@@ -184,14 +231,20 @@ impl Store {
         .map_err(|error| error.into_service_error(|_| None))
     }
 
-    /// How many change events were ever recorded: each organization's
-    /// counter grows by one an event (see the migration), so their sum is the
-    /// count, kept or pruned, without reading the events.
+    /// How many change events were ever recorded, kept or pruned, without
+    /// reading the events: each took a number from `assignment_event_numbers`
+    /// (a change rolled back after its event was numbered, rare, counts
+    /// too), and the counters of the scheme before it (migration
+    /// 20261207000004) hold the count of the events numbered before.
     pub async fn events_written(&self) -> Result<u64, ServiceError> {
         let rows = self
             .fetch_rows(None, || {
                 sqlx::query_as::<_, (i64,)>(
-                    "SELECT coalesce(sum(last_sequence), 0)::bigint FROM event_sequences",
+                    "SELECT ((SELECT coalesce(sum(last_sequence), 0) FROM event_sequences)
+                           + coalesce((SELECT last_value - start_value + 1 FROM pg_sequences
+                                       WHERE schemaname = current_schema()
+                                         AND sequencename = 'assignment_event_numbers'), 0)
+                           )::bigint",
                 )
             })
             .await

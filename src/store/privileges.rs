@@ -5,8 +5,9 @@
 
 use sqlx::{PgConnection, PgPool};
 
-/// Each table the service touches, and what it does there. The event tables
-/// are written by the link triggers, which run as the caller.
+/// Each table (and the one sequence) the service touches, and what it does
+/// there. The event tables are written by the link triggers, which run as
+/// the caller.
 pub const NEEDED: &[(&str, &[&str])] = &[
     ("identities", &["SELECT", "INSERT", "UPDATE"]),
     ("mailboxes", &["SELECT", "INSERT", "UPDATE"]),
@@ -14,6 +15,9 @@ pub const NEEDED: &[(&str, &[&str])] = &[
     // Retention deletes old events.
     ("assignment_events", &["SELECT", "INSERT", "DELETE"]),
     ("event_sequences", &["SELECT", "INSERT", "UPDATE"]),
+    // A sequence: UPDATE lets the triggers take numbers (nextval), SELECT
+    // lets the events-written metric read how many were taken.
+    ("assignment_event_numbers", &["SELECT", "UPDATE"]),
     ("event_relay_positions", &["SELECT", "INSERT", "UPDATE"]),
 ];
 

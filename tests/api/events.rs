@@ -347,7 +347,8 @@ async fn resuming_before_removed_events_is_events_expired(pool: PgPool) {
     sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
         "BEGIN;
          DELETE FROM assignment_events WHERE organization_id = '{ORG}' AND sequence <= {third};
-         UPDATE event_sequences SET removed_through = {third} WHERE organization_id = '{ORG}';
+         INSERT INTO event_sequences (organization_id, removed_through) VALUES ('{ORG}', {third})
+             ON CONFLICT (organization_id) DO UPDATE SET removed_through = EXCLUDED.removed_through;
          COMMIT;"
     )))
     .execute(&pool)
@@ -553,7 +554,8 @@ async fn a_watch_from_an_invalid_or_expired_position_is_refused(pool: PgPool) {
     sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
         "BEGIN;
          DELETE FROM assignment_events WHERE organization_id = '{ORG}' AND sequence <= {};
-         UPDATE event_sequences SET removed_through = {} WHERE organization_id = '{ORG}';
+         INSERT INTO event_sequences (organization_id, removed_through) VALUES ('{ORG}', {})
+             ON CONFLICT (organization_id) DO UPDATE SET removed_through = EXCLUDED.removed_through;
          COMMIT;",
         events[1].sequence, events[1].sequence
     )))
@@ -583,15 +585,22 @@ async fn retention_removes_old_prefixes_and_resuming_before_them_is_expired(pool
     let app = spawn_app(&pool).await;
     insert_identity(&pool, ORG, "sales-agent").await;
     insert_identity(&pool, OTHER_ORG, "theirs").await;
-    for org in [ORG, OTHER_ORG] {
-        let handle = if org == ORG { "sales-agent" } else { "theirs" };
-        for _ in 0..6 {
+    // Taking turns, so that each organization's numbers have gaps: the
+    // mark retention leaves must be a removed event's number.
+    for _ in 0..6 {
+        for org in [ORG, OTHER_ORG] {
+            let handle = if org == ORG { "sales-agent" } else { "theirs" };
             let mailbox = insert_mailbox(&pool, org).await.to_string();
             app.assign_mailbox(org, handle, &mailbox).await.unwrap();
         }
     }
     let ours = all_events(&app, ORG, 0).await;
     let theirs = all_events(&app, OTHER_ORG, 0).await;
+    assert!(
+        ours.windows(2)
+            .all(|pair| pair[1].sequence > pair[0].sequence + 1),
+        "the organizations' numbers interleave"
+    );
     // Our first three events are two hours old, and so is our fifth: a
     // later-numbered event can be older (its transaction began earlier).
     for sequence in [
@@ -711,13 +720,18 @@ async fn a_change_with_a_cause_outside_the_closed_set_is_refused_and_nothing_is_
             .map(|code| code.into_owned());
         assert_eq!(code.as_deref(), Some("23514"), "{cause}: {refused}");
     }
-    let (events, counters): (i64, i64) = sqlx::query_as(
-        "SELECT (SELECT count(*) FROM assignment_events), (SELECT count(*) FROM event_sequences)",
+    let (events, numbered): (i64, Option<i64>) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM assignment_events),
+                (SELECT last_value FROM pg_sequences WHERE sequencename = 'assignment_event_numbers')",
     )
     .fetch_one(&pool)
     .await
     .unwrap();
-    assert_eq!((events, counters), (0, 0), "no event and no counter stored");
+    assert_eq!(
+        (events, numbered),
+        (0, None),
+        "no event stored and no number taken"
+    );
     let linked: Option<uuid::Uuid> =
         sqlx::query_scalar("SELECT mailbox_id FROM identities WHERE id = $1")
             .bind(identity)
@@ -728,7 +742,7 @@ async fn a_change_with_a_cause_outside_the_closed_set_is_refused_and_nothing_is_
 }
 
 /// Links one identity to one mailbox in `transaction`, waiting as long as
-/// the trigger's counter makes it wait.
+/// the trigger's organization lock makes it wait.
 async fn link(
     mut transaction: sqlx::Transaction<'static, sqlx::Postgres>,
     identity: uuid::Uuid,
@@ -761,11 +775,11 @@ async fn until_waiting_for_a_lock(pool: &PgPool, pid: i32) {
     panic!("the second writer never waited for the first");
 }
 
-/// The trigger numbers a change by updating its organization's counter,
-/// or by inserting it for the organization's first event: either way a
-/// second writer of the organization waits for the first to end, so it
-/// takes the next number after the first commits and the same number if
-/// the first rolls back (no gap, commit order).
+/// The trigger numbers a change under its organization's lock, held until
+/// the transaction ends: a second writer of the organization waits for the
+/// first to commit or roll back, and only then takes its number, so its
+/// number is above the first's (commit order). A rolled-back change uses
+/// its number up: the numbers need not be contiguous.
 #[sqlx::test]
 async fn a_writer_numbers_its_event_after_the_writer_before_it_ends(pool: PgPool) {
     let first = insert_identity(&pool, ORG, "first").await;
@@ -776,12 +790,29 @@ async fn a_writer_numbers_its_event_after_the_writer_before_it_ends(pool: PgPool
         insert_mailbox(&pool, ORG).await,
         insert_mailbox(&pool, ORG).await,
     ];
-    // In the first round the organization has no counter yet (the second
-    // writer waits on the first's insert of it), in the second it has one
-    // (the second waits on the first's update); the first writer commits in
-    // the one and rolls back in the other.
+    // Another organization's writer is not held by the first: it takes a
+    // number while the first's transaction is open.
+    let elsewhere = insert_identity(&pool, "org_elsewhere", "elsewhere").await;
+    let elsewhere_mailbox = insert_mailbox(&pool, "org_elsewhere").await;
+    let mut first_numbers = Vec::new();
+    let mut elsewhere_number = 0;
+    // The first writer commits in the one round and rolls back in the other.
     for (round, first_commits) in [(0, true), (1, false)] {
-        let first_writer = link(pool.begin().await.unwrap(), first, mailboxes[round * 2]).await;
+        let mut first_writer = link(pool.begin().await.unwrap(), first, mailboxes[round * 2]).await;
+        first_numbers.push(
+            sqlx::query_scalar::<_, i64>("SELECT currval('assignment_event_numbers')")
+                .fetch_one(&mut *first_writer)
+                .await
+                .unwrap(),
+        );
+        if round == 0 {
+            let mut other = link(pool.begin().await.unwrap(), elsewhere, elsewhere_mailbox).await;
+            elsewhere_number = sqlx::query_scalar("SELECT currval('assignment_event_numbers')")
+                .fetch_one(&mut *other)
+                .await
+                .unwrap();
+            other.commit().await.unwrap();
+        }
         let mut second_writer = pool.begin().await.unwrap();
         let second_pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
             .fetch_one(&mut *second_writer)
@@ -804,21 +835,30 @@ async fn a_writer_numbers_its_event_after_the_writer_before_it_ends(pool: PgPool
     .fetch_all(&pool)
     .await
     .unwrap();
+    let (sequences, links): (Vec<i64>, Vec<(uuid::Uuid, uuid::Uuid)>) = numbered
+        .into_iter()
+        .map(|(sequence, identity, channel)| (sequence, (identity, channel)))
+        .unzip();
     assert_eq!(
-        numbered,
+        links,
         vec![
-            (1, first, mailboxes[0]),
-            (2, second, mailboxes[1]),
-            (3, second, mailboxes[3]),
-        ]
+            (first, mailboxes[0]),
+            (second, mailboxes[1]),
+            (second, mailboxes[3]),
+        ],
+        "the rolled-back change recorded nothing"
     );
-    let last_sequence: i64 =
-        sqlx::query_scalar("SELECT last_sequence FROM event_sequences WHERE organization_id = $1")
-            .bind(ORG)
-            .fetch_one(&pool)
-            .await
-            .unwrap();
-    assert_eq!(last_sequence, 3, "the rolled-back number was not used up");
+    assert_eq!(sequences[0], first_numbers[0]);
+    assert!(
+        elsewhere_number > sequences[0] && elsewhere_number < sequences[1],
+        "the other organization numbered while the first writer was open: {elsewhere_number} \
+         between {sequences:?}"
+    );
+    assert!(
+        sequences[1] < first_numbers[1] && first_numbers[1] < sequences[2],
+        "the second writer numbered after the rolled-back first ({}): {sequences:?}",
+        first_numbers[1]
+    );
 }
 
 /// A replica announces what it wrote to the others in batches at most
@@ -864,4 +904,78 @@ async fn announcements_to_other_replicas_are_batched_at_most_every_10_ms(pool: P
         announced <= writing_ms / 10 + 2,
         "{announced} batches in {writing_ms} ms for {writes} writes"
     );
+}
+
+/// Events numbered by the counters of migration 20261207000003 stay as they
+/// were when migration 20261207000004 moves the numbering to one sequence:
+/// every later event of an organization is numbered above its last one (a
+/// reader resuming after it misses nothing), and the events-written count
+/// goes on from the counters' total.
+#[sqlx::test(migrations = false)]
+async fn events_numbered_by_the_counters_stay_and_later_ones_number_above_them(pool: PgPool) {
+    use channel_assignment::MIGRATOR;
+    MIGRATOR
+        .run_to(20261207000003, &pool)
+        .await
+        .expect("the counter scheme");
+    let ours = insert_identity(&pool, ORG, "sales-agent").await;
+    let theirs = insert_identity(&pool, OTHER_ORG, "theirs").await;
+    for (identity, org, changes) in [(ours, ORG, 3), (theirs, OTHER_ORG, 1)] {
+        for _ in 0..changes {
+            let mailbox = insert_mailbox(&pool, org).await;
+            sqlx::query("UPDATE identities SET mailbox_id = $1 WHERE id = $2")
+                .bind(mailbox)
+                .bind(identity)
+                .execute(&pool)
+                .await
+                .unwrap();
+        }
+    }
+    let counted: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT organization_id, sequence FROM assignment_events ORDER BY organization_id, sequence",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        counted,
+        [(ORG, 1), (ORG, 2), (ORG, 3), (OTHER_ORG, 1)].map(|(org, n)| (org.to_owned(), n)),
+        "the counters numbered from 1"
+    );
+    MIGRATOR.run(&pool).await.expect("the sequence scheme");
+
+    let app = spawn_app(&pool).await;
+    for (org, handle) in [(ORG, "sales-agent"), (OTHER_ORG, "theirs")] {
+        let mailbox = insert_mailbox(&pool, org).await.to_string();
+        app.assign_mailbox(org, handle, &mailbox).await.unwrap();
+    }
+    let ours = all_events(&app, ORG, 0).await;
+    assert_eq!(
+        ours.iter()
+            .map(|event| event.sequence)
+            .take(3)
+            .collect::<Vec<_>>(),
+        [1, 2, 3],
+        "the old events as they were"
+    );
+    assert_eq!(ours.len(), 4);
+    assert!(ours[3].sequence > 3, "numbered above the counter's last");
+    assert_eq!(all_events(&app, ORG, 3).await, ours[3..].to_vec());
+    let theirs = all_events(&app, OTHER_ORG, 1).await;
+    assert_eq!(theirs.len(), 1, "resuming after the counter's last");
+    assert!(theirs[0].sequence > ours[3].sequence);
+
+    let store = channel_assignment::store::Store::new(
+        database_for(
+            &pool,
+            &test_settings(channel_assignment::config::AuthSettings::hs256(SECRET)),
+        ),
+        channel_assignment::metrics::Metrics::new(1),
+    );
+    assert_eq!(
+        store.events_written().await.unwrap(),
+        6,
+        "4 counted, 2 numbered"
+    );
+    app.stop().await;
 }
