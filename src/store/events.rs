@@ -1,6 +1,6 @@
 //! Reading the change events the database records with every link change
-//! (see the migration `assignment_events`: numbered per organization in
-//! commit order).
+//! (see the migrations `assignment_events` and `20261207000004`: numbered
+//! per organization in commit order).
 
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
@@ -83,7 +83,7 @@ impl EventRow {
 }
 
 /// Every organization with kept events, one probe of the primary key each
-/// (a loose index scan): the relay and retention start from it. Counting
+/// (a loose index scan): the relay and retention start from it. Listing
 /// them nowhere else keeps the writes free of a row per organization to
 /// update (migration 20261207000004).
 macro_rules! organizations_with_events {
